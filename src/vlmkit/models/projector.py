@@ -1,0 +1,69 @@
+"""Projectors: map vision features to the LM's embedding space. An exact-name registry."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from torch import nn
+
+from vlmkit.errors import RegistryError
+
+ProjectorFactory = Callable[[int, int], nn.Module]
+
+_MLP_GELU = re.compile(r"^mlp(?P<depth>[1-9][0-9]?)x_gelu$")
+_FIXED: dict[str, ProjectorFactory] = {}
+
+
+def register_projector(name: str) -> Callable[[ProjectorFactory], ProjectorFactory]:
+    """Register a projector factory ``(in_features, out_features) -> nn.Module`` under an exact name."""
+
+    def decorator(factory: ProjectorFactory) -> ProjectorFactory:
+        if name in _FIXED or _MLP_GELU.match(name):
+            raise RegistryError(f"projector {name!r} is already registered")
+        _FIXED[name] = factory
+        return factory
+
+    return decorator
+
+
+class IdentityProjector(nn.Identity):
+    """Pass-through; only valid when the vision feature size equals the LM hidden size."""
+
+
+@register_projector("linear")
+def _linear(in_features: int, out_features: int) -> nn.Module:
+    return nn.Linear(in_features, out_features)
+
+
+@register_projector("identity")
+def _identity(in_features: int, out_features: int) -> nn.Module:
+    if in_features != out_features:
+        raise RegistryError(
+            f"projector 'identity' needs equal sizes, but vision features have {in_features} dims and the LM "
+            f"hidden size is {out_features}; use 'linear' or 'mlp2x_gelu'"
+        )
+    return IdentityProjector()
+
+
+def mlp_gelu(in_features: int, out_features: int, depth: int) -> nn.Sequential:
+    """``depth`` linear layers with GELU between them (``mlp2x_gelu`` = Linear-GELU-Linear, as in LLaVA-1.5)."""
+    layers: list[nn.Module] = [nn.Linear(in_features, out_features)]
+    for _ in range(depth - 1):
+        layers += [nn.GELU(), nn.Linear(out_features, out_features)]
+    return nn.Sequential(*layers)
+
+
+def projector_names() -> list[str]:
+    """Valid names: the fixed ones plus the ``mlp{N}x_gelu`` family."""
+    return [*sorted(_FIXED), "mlp{N}x_gelu (N = 1..99, e.g. mlp2x_gelu)"]
+
+
+def build_projector(name: str, in_features: int, out_features: int) -> nn.Module:
+    """Build a projector by exact name; an unknown name raises an error listing the valid ones."""
+    match = _MLP_GELU.match(name)
+    if match:
+        return mlp_gelu(in_features, out_features, int(match.group("depth")))
+    if name in _FIXED:
+        return _FIXED[name](in_features, out_features)
+    raise RegistryError(f"unknown projector {name!r}; valid names: {', '.join(projector_names())}")

@@ -1,0 +1,165 @@
+"""Chat messages → rendered template → token ids, with per-token supervision masks.
+
+The assistant spans come from the template's own rendering: the conversation is rendered up to each assistant
+turn (with the generation prompt) and through it; the character offsets between the two renderings are the
+assistant span, and tokens are supervised when their offsets fall inside a span. No string splitting on role
+markers, so any Jinja template works as long as rendering a prefix of the conversation gives a prefix of the text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from vlmkit.errors import ImageTokenMismatchError, ProcessingError
+
+IMAGE_TOKEN = "<image>"
+
+# ChatML, used when the tokenizer has no chat template of its own.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+DEFAULT_TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>")
+ROLES = ("system", "user", "assistant")
+
+
+def flatten_messages(
+    messages: list[dict[str, Any]], images: list[Any] | None = None, image_token: str = IMAGE_TOKEN
+) -> tuple[list[dict[str, str]], list[Any]]:
+    """Turn messages with string or content-part content into string messages with ``<image>`` markers.
+
+    Content parts: ``{"type": "text", "text": ...}``, ``{"type": "image", "image"|"url"|"path": ...}`` and the
+    OpenAI form ``{"type": "image_url", "image_url": {"url": ...}}``. Parts are joined with newlines; each image
+    part becomes one ``<image>`` marker. Images given in content parts and in ``images`` can't be mixed.
+    Returns the string messages and the image sources in order of their markers.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ProcessingError("a conversation must be a non-empty list of messages")
+    found: list[Any] = []
+    flat: list[dict[str, str]] = []
+    markers = 0
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ProcessingError(f"message {index}: needs 'role' and 'content' keys, got {message!r:.100}")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise ProcessingError(f"message {index}: unknown role {role!r}; valid roles: {', '.join(ROLES)}")
+        if isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            pieces = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    pieces.append(str(part.get("text", "")))
+                elif kind == "image":
+                    source = next((part[k] for k in ("image", "url", "path", "base64") if k in part), None)
+                    if source is None:
+                        raise ProcessingError(f"message {index}: image part without 'image', 'url' or 'path'")
+                    found.append(source)
+                    pieces.append(image_token)
+                elif kind == "image_url":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if not url:
+                        raise ProcessingError(f"message {index}: image_url part without a url")
+                    found.append(url)
+                    pieces.append(image_token)
+                else:
+                    raise ProcessingError(
+                        f"message {index}: unknown content part type {kind!r}; valid types: text, image, image_url"
+                    )
+            text = "\n".join(pieces)
+        else:
+            raise ProcessingError(f"message {index}: content must be a string or a list of parts")
+        markers += text.count(image_token)
+        flat.append({"role": role, "content": text})
+    if found and images:
+        raise ProcessingError("give images either inside the messages or in 'images', not both")
+    images = found or list(images or [])
+    if markers != len(images):
+        raise ImageTokenMismatchError(
+            f"the conversation has {markers} {image_token} marker(s) but {len(images)} image(s) were given"
+        )
+    return flat, images
+
+
+@dataclass
+class EncodedChat:
+    """Token ids of a rendered conversation and, for training, which tokens are supervised."""
+
+    input_ids: list[int]
+    supervised: list[bool]
+
+
+class ChatEncoder:
+    """Renders conversations with a tokenizer's chat template and tokenises them with supervision masks."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ProcessingError("vlmkit needs a fast (Rust) tokenizer: supervision masks use its offsets")
+        self.tokenizer = tokenizer
+        self.template = chat_template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode(self, messages: list[dict[str, str]], *, train: bool, name: str = "sample") -> EncodedChat:
+        """Tokenise a string-content conversation.
+
+        ``train=False``: the prompt for generation (with the generation prompt when the last turn isn't the
+        assistant's). ``train=True``: the whole conversation, assistant turns (with their end-of-turn token)
+        supervised. Raises :class:`ProcessingError` naming ``name`` when no token would be supervised or the
+        template is not prefix-stable.
+        """
+        if not train:
+            text = self.render(messages, add_generation_prompt=messages[-1]["role"] != "assistant")
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return EncodedChat(list(ids), [False] * len(ids))
+        text = self.render(messages, add_generation_prompt=False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            if not message["content"].strip():
+                raise ProcessingError(f"{name}: assistant turn {i} is empty; there is nothing to learn from it")
+            before = self.render(messages[:i], add_generation_prompt=True) if i else ""
+            through = self.render(messages[: i + 1], add_generation_prompt=False)
+            if not (through.startswith(before) and text.startswith(through)):
+                raise ProcessingError(
+                    f"{name}: the chat template renders turn {i} differently depending on what follows, so the "
+                    "assistant tokens can't be located; use a template whose renderings of a prefix are prefixes"
+                )
+            end = len(through.rstrip())  # keep the end-of-turn token, not the whitespace after it
+            if end > len(before):
+                spans.append((len(before), end))
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoding["input_ids"])
+        supervised = [any(s <= start < e for s, e in spans) for start, _ in encoding["offset_mapping"]]
+        if not any(supervised):
+            raise ProcessingError(
+                f"{name}: no assistant token to supervise (the conversation needs a non-empty assistant reply)"
+            )
+        return EncodedChat(ids, supervised)
+
+    def end_of_turn_ids(self) -> list[int]:
+        """Token ids that end an assistant turn: the tokenizer's EOS and the template's end-of-turn token."""
+        ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+        before = self.render(probe[:1], add_generation_prompt=True)
+        through = self.render(probe, add_generation_prompt=False)
+        tail = through[len(before) + len("ok") :] if through.startswith(before) else ""
+        special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)
+        for token_id in self.tokenizer(tail, add_special_tokens=False)["input_ids"]:
+            if token_id in special:
+                if token_id not in ids:
+                    ids.append(token_id)
+                break
+        return ids

@@ -1,0 +1,215 @@
+"""The one module that reads images, and the transform that turns them into pixel tensors.
+
+Every command (training data, chat, describe, serve, eval) loads images through :func:`load_image`, so
+validation, EXIF orientation, mode conversion and size limits behave the same everywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from vlmkit.errors import ConfigError, ImageError
+
+DEFAULT_MAX_PIXELS = 50_000_000
+"""Default pixel limit (50 MP): larger images are refused as possible decompression bombs."""
+
+ImageSource = str | Path | bytes | bytearray | Image.Image
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S)
+
+# Truncated files must fail loudly, never decode to a half-grey image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def describe_source(source: Any) -> str:
+    """A short, human-readable name for an image source, used in error messages."""
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.mode} {source.width}x{source.height}>"
+    if isinstance(source, bytes | bytearray):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, str) and source.startswith("data:"):
+        return f"<data URL, {len(source)} characters: {source[:30]}...>"
+    return str(source)
+
+
+def _decode_data_url(url: str) -> bytes:
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise ImageError(
+            f"image {describe_source(url)}: not a base64 data URL; expected 'data:image/<type>;base64,<data>'"
+        )
+    mime = match.group("mime") or ""
+    if mime and not mime.startswith("image/"):
+        raise ImageError(f"image {describe_source(url)}: data URL has media type {mime!r}, not image/*")
+    try:
+        return base64.b64decode(match.group("data"), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError(f"image {describe_source(url)}: invalid base64 data ({exc})") from exc
+
+
+def _read_source(source: ImageSource, allow_remote: bool) -> tuple[bytes | Path | Image.Image, str]:
+    """Resolve a source to bytes, a file path or a PIL image, plus its name for messages."""
+    name = describe_source(source)
+    if isinstance(source, Image.Image):
+        return source, name
+    if isinstance(source, bytes | bytearray):
+        return bytes(source), name
+    if isinstance(source, Path | str):
+        text = str(source)
+        if text.startswith("data:"):
+            return _decode_data_url(text), name
+        if text.startswith(("http://", "https://")):
+            if not allow_remote:
+                raise ImageError(
+                    f"image {name}: remote (http/https) images are disabled; download it first or "
+                    "allow remote images explicitly"
+                )
+            raise ImageError(f"image {name}: fetching remote images is not supported by load_image")
+        if text.startswith("file://"):
+            text = text[len("file://") :]
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise ImageError(f"image {name}: file not found")
+        if not path.is_file():
+            raise ImageError(f"image {name}: not a file")
+        return path, name
+    raise ImageError(
+        f"unsupported image source type {type(source).__name__}; give a path, bytes, a PIL image or a data URL"
+    )
+
+
+def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+    """Convert any PIL mode to RGB; transparency is composited on white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+        if mode == "RGB":
+            return image
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") else max(float(array.max()), 1.0)
+        array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError(f"image {name}: cannot convert mode {mode} to RGB ({exc})") from exc
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    allow_remote: bool = False,
+) -> Image.Image:
+    """Load an image as a fully decoded RGB PIL image with EXIF orientation applied.
+
+    ``source`` is a file path (or ``file://`` URL), raw bytes, a ``data:image/...;base64,`` URL or a PIL image.
+    Raises :class:`ImageError` naming the source for missing, corrupt, truncated and non-image inputs, and for
+    images over ``max_pixels`` (decompression bombs). ``max_pixels=None`` disables the limit.
+    """
+    data, name = _read_source(source, allow_remote)
+    if isinstance(data, Image.Image):
+        image = data
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            if max_pixels is None:
+                raise ImageError(f"image {name}: refused by Pillow's own decompression-bomb guard ({exc})") from exc
+            raise ImageError(
+                f"image {name}: too large, over the {max_pixels:,}-pixel limit (possible decompression bomb)"
+            ) from exc
+        except UnidentifiedImageError as exc:
+            raise ImageError(f"image {name}: not an image file or an unsupported format") from exc
+        except OSError as exc:
+            raise ImageError(f"image {name}: cannot be read ({exc})") from exc
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(
+            f"image {name}: {width}x{height} = {width * height:,} pixels is over the {max_pixels:,}-pixel "
+            "limit (possible decompression bomb); raise max_pixels if the image is trusted"
+        )
+    if width == 0 or height == 0:
+        raise ImageError(f"image {name}: empty image ({width}x{height})")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt pixel data
+        raise ImageError(f"image {name}: corrupt or truncated image data ({exc})") from exc
+    return _to_rgb(image, name)
+
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ImageTransformConfig:
+    """How an image becomes a pixel tensor: size, resize mode, normalisation."""
+
+    size: int = 224
+    resize_mode: Literal["pad", "resize"] = "pad"
+    """``pad``: pad to square with the mean colour, then resize (LLaVA's expand2square); ``resize``: plain resize."""
+    mean: tuple[float, float, float] = field(default=OPENAI_CLIP_MEAN)
+    std: tuple[float, float, float] = field(default=OPENAI_CLIP_STD)
+
+    def __post_init__(self) -> None:
+        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
+        if self.resize_mode not in ("pad", "resize"):
+            raise ConfigError(f"resize_mode must be 'pad' or 'resize', got {self.resize_mode!r}")
+        if self.size <= 0:
+            raise ConfigError(f"image size must be positive, got {self.size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(f"mean and std need 3 values each, std > 0; got mean={self.mean}, std={self.std}")
+
+
+class ImageTransform:
+    """Resize (optionally padding to square) and normalise RGB images into ``(3, size, size)`` tensors."""
+
+    def __init__(self, config: ImageTransformConfig) -> None:
+        self.config = config
+        self._mean = np.asarray(config.mean, dtype=np.float32) * 255.0
+        self._inv_std = 1.0 / (np.asarray(config.std, dtype=np.float32) * 255.0)
+
+    def _square(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        if width == height:
+            return image
+        side = max(width, height)
+        fill = tuple(round(m * 255) for m in self.config.mean)
+        canvas = Image.new("RGB", (side, side), fill)
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        return canvas
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """One RGB PIL image to a float32 ``(3, size, size)`` tensor."""
+        if image.mode != "RGB":
+            image = _to_rgb(image, describe_source(image))
+        if self.config.resize_mode == "pad":
+            image = self._square(image)
+        size = self.config.size
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        array = (np.asarray(image, dtype=np.float32) - self._mean) * self._inv_std
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))

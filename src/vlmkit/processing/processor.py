@@ -1,0 +1,215 @@
+"""The processor: tokenizer + chat template + image transform → model-ready tensors, and batch collation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from vlmkit.config import config_from_dict, config_to_dict
+from vlmkit.errors import CheckpointError, ImageTokenMismatchError, ProcessingError
+from vlmkit.processing.chat import DEFAULT_TEMPLATE_TOKENS, IMAGE_TOKEN, ChatEncoder, flatten_messages
+from vlmkit.processing.images import DEFAULT_MAX_PIXELS, ImageTransform, ImageTransformConfig, load_image
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+PROCESSOR_FILE = "processor_config.json"
+
+
+@dataclass
+class EncodedSample:
+    """One conversation ready for collation: ids with image placeholders expanded, labels, pixels."""
+
+    input_ids: list[int]
+    labels: list[int] | None
+    pixel_values: torch.Tensor | None  # (num_images, 3, H, W)
+    image_token_counts: list[int]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_token_counts)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, image_token: str = IMAGE_TOKEN) -> list[str]:
+    """Add ``<image>`` (and, with no chat template, ChatML markers and the default template) in place.
+
+    Returns the tokens that were added; the LM's embeddings must then be resized to ``len(tokenizer)``.
+    """
+    from vlmkit.processing.chat import DEFAULT_CHAT_TEMPLATE
+
+    wanted = [image_token]
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        wanted += list(DEFAULT_TEMPLATE_TOKENS)
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in wanted if t not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    for token in wanted:
+        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ProcessingError(f"{token!r} must be a single token, but the tokenizer splits it into {ids}")
+    return missing
+
+
+class VLMProcessor:
+    """Turns chat messages with images into ``input_ids``, ``labels``, ``attention_mask`` and ``pixel_values``.
+
+    ``<image>`` markers become ``tokens_per_image`` placeholder ids each, so sequence positions line up with the
+    image features the model splices in.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_config: ImageTransformConfig,
+        tokens_per_image: int,
+        image_token: str = IMAGE_TOKEN,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        prepare_tokenizer(tokenizer, image_token)
+        self.tokenizer = tokenizer
+        self.chat = ChatEncoder(tokenizer)
+        self.image_config = image_config
+        self.image_transform = ImageTransform(image_config)
+        self.tokens_per_image = tokens_per_image
+        self.image_token = image_token
+        self.image_token_id: int = tokenizer.convert_tokens_to_ids(image_token)
+        self.max_pixels = max_pixels
+        pad = tokenizer.pad_token_id
+        self.pad_token_id: int = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        self.stop_token_ids: list[int] = self.chat.end_of_turn_ids()
+
+    # -- single conversations -------------------------------------------------------------------------------
+    def num_image_tokens(self, pixel_values: torch.Tensor) -> int:
+        """Placeholder tokens for one transformed image (fixed today; tiling will make it size-dependent)."""
+        return self.tokens_per_image
+
+    def load_images(self, sources: list[Any]) -> torch.Tensor | None:
+        """Load and transform image sources into a ``(N, 3, size, size)`` tensor (None for no images)."""
+        if not sources:
+            return None
+        return torch.stack([self.image_transform(load_image(s, max_pixels=self.max_pixels)) for s in sources])
+
+    def encode(
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Any] | None = None,
+        *,
+        train: bool = False,
+        name: str = "sample",
+        max_length: int | None = None,
+    ) -> EncodedSample:
+        """Encode one conversation. ``train=True`` also builds labels (assistant tokens only, -100 elsewhere)."""
+        flat, sources = flatten_messages(messages, images, self.image_token)
+        chat = self.chat.encode(flat, train=train, name=name)
+        pixel_values = self.load_images(sources)
+        counts = [self.num_image_tokens(p) for p in pixel_values] if pixel_values is not None else []
+        found = chat.input_ids.count(self.image_token_id)
+        if found != len(counts):
+            raise ImageTokenMismatchError(
+                f"{name}: {len(counts)} image(s) but {found} {self.image_token} token(s) after templating; "
+                "the chat template must keep each marker"
+            )
+        ids: list[int] = []
+        supervised: list[bool] = []
+        image_index = 0
+        for token, sup in zip(chat.input_ids, chat.supervised, strict=True):
+            if token == self.image_token_id:
+                ids += [token] * counts[image_index]
+                supervised += [False] * counts[image_index]
+                image_index += 1
+            else:
+                ids.append(token)
+                supervised.append(sup)
+        if max_length is not None and len(ids) > max_length:
+            raise ProcessingError(f"{name}: {len(ids)} tokens (images included) is over the limit of {max_length}")
+        labels = [t if s else IGNORE_INDEX for t, s in zip(ids, supervised, strict=True)] if train else None
+        return EncodedSample(ids, labels, pixel_values, counts)
+
+    # -- batches --------------------------------------------------------------------------------------------
+    def collate(
+        self, samples: list[EncodedSample], padding_side: Literal["left", "right"] = "right"
+    ) -> dict[str, torch.Tensor]:
+        """Pad a list of encoded samples into a batch (right padding for training, left for generation).
+
+        ``pixel_values`` holds every image of the batch in row order; ``image_counts`` the images per row.
+        """
+        if not samples:
+            raise ProcessingError("cannot collate an empty batch")
+        width = max(len(s.input_ids) for s in samples)
+        input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(samples), width), dtype=torch.long)
+        has_labels = all(s.labels is not None for s in samples)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+        for row, sample in enumerate(samples):
+            n = len(sample.input_ids)
+            cols = slice(width - n, width) if padding_side == "left" else slice(0, n)
+            input_ids[row, cols] = torch.tensor(sample.input_ids, dtype=torch.long)
+            attention[row, cols] = 1
+            if labels is not None:
+                labels[row, cols] = torch.tensor(sample.labels, dtype=torch.long)
+        batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention}
+        if labels is not None:
+            batch["labels"] = labels
+        pixels = [s.pixel_values for s in samples if s.pixel_values is not None]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        batch["image_counts"] = torch.tensor([s.num_images for s in samples], dtype=torch.long)
+        return batch
+
+    def __call__(
+        self,
+        conversations: list[list[dict[str, Any]]],
+        images: list[list[Any] | None] | None = None,
+        *,
+        train: bool = False,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Encode and collate a batch of conversations (right-padded for training, left-padded otherwise)."""
+        images = images or [None] * len(conversations)
+        encoded = [
+            self.encode(conv, imgs, train=train, name=f"conversation {i}")
+            for i, (conv, imgs) in enumerate(zip(conversations, images, strict=True))
+        ]
+        return self.collate(encoded, padding_side or ("right" if train else "left"))
+
+    def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # -- persistence ----------------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write tokenizer files (chat template included) and ``processor_config.json``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(folder)
+        data = {
+            "image": config_to_dict(self.image_config),
+            "tokens_per_image": self.tokens_per_image,
+            "image_token": self.image_token,
+            "max_pixels": self.max_pixels,
+        }
+        (folder / PROCESSOR_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> VLMProcessor:
+        path = Path(folder) / PROCESSOR_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: no {PROCESSOR_FILE}; is this a vlmkit checkpoint folder?")
+        data = json.loads(path.read_text())
+        image = data["image"]
+        image["mean"], image["std"] = tuple(image["mean"]), tuple(image["std"])
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return cls(
+            tokenizer,
+            config_from_dict(ImageTransformConfig, image, "image."),
+            data["tokens_per_image"],
+            data.get("image_token", IMAGE_TOKEN),
+            data.get("max_pixels", DEFAULT_MAX_PIXELS),
+        )
