@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from vlmkit.errors import ImageError
-from vlmkit.processing.images import ImageTransform, ImageTransformConfig, load_image
+from vlmkit.processing.images import ImageAccess, ImageTransform, ImageTransformConfig, load_image
 
 
 def png_bytes(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -134,3 +134,47 @@ def test_transform_pad_resize_normalise():
         wide
     )
     assert torch.allclose(stretched, torch.ones(3, 8, 8))
+
+
+def test_access_policy_local_and_file_urls(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    Image.new("RGB", (3, 3)).save(media / "ok.png")
+    Image.new("RGB", (3, 3)).save(tmp_path / "secret.png")
+    server = ImageAccess(allow_local=False, local_root=media)
+    assert load_image(f"file://{media / 'ok.png'}", access=server).size == (3, 3)
+    with pytest.raises(ImageError, match="outside the allowed media folder"):
+        load_image(f"file://{tmp_path / 'secret.png'}", access=server)
+    with pytest.raises(ImageError, match="outside the allowed media folder"):
+        load_image(f"file://{media}/../secret.png", access=server)
+    with pytest.raises(ImageError, match="local paths are not allowed"):
+        load_image(str(media / "ok.png"), access=server)
+    with pytest.raises(ImageError, match="file:// URLs are disabled"):
+        load_image(f"file://{media / 'ok.png'}", access=ImageAccess(allow_local=False))
+    with pytest.raises(ImageError, match="unsupported URL scheme"):
+        load_image("ftp://example.com/a.png")
+
+
+def test_remote_private_hosts_refused_and_fetch_works_when_allowed(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    Image.new("RGB", (5, 4), (1, 2, 3)).save(tmp_path / "a.png")
+    (tmp_path / "big.bin").write_bytes(b"x" * 5000)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a, **k: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        with pytest.raises(ImageError, match="private or loopback address; refused"):
+            load_image(f"{base}/a.png", access=ImageAccess(allow_remote=True))
+        trusting = ImageAccess(allow_remote=True, allow_private_hosts=True, remote_max_bytes=4000)
+        assert load_image(f"{base}/a.png", access=trusting).getpixel((0, 0)) == (1, 2, 3)
+        with pytest.raises(ImageError, match="over the 4,000-byte limit"):
+            load_image(f"{base}/big.bin", access=trusting)
+        with pytest.raises(ImageError, match="download failed"):
+            load_image(f"{base}/missing.png", access=trusting)
+    finally:
+        httpd.shutdown()

@@ -1,5 +1,6 @@
 """vlmkit: build, train, run, serve, evaluate and export vision-language models."""
 
+from vlmkit.api import VLM, load
 from vlmkit.errors import (
     CheckpointError,
     ConfigError,
@@ -26,11 +27,13 @@ __all__ = [
     "ImageTokenMismatchError",
     "ProcessingError",
     "RegistryError",
+    "VLM",
     "VLMProcessor",
     "VisionLanguageModel",
     "VlmkitError",
     "build_projector",
     "compose",
+    "load",
     "load_image",
     "load_pretrained",
     "projector_names",

@@ -285,11 +285,15 @@ class LlavaJsonDataset(SampleDataset):
             except OSError as exc:
                 raise DataError(f"{self.path}: cannot be read ({exc})") from exc
             except json.JSONDecodeError as exc:
-                raise DataError(f"{self.path}: line {exc.lineno}, column {exc.colno}: malformed JSON ({exc.msg})") from exc
+                raise DataError(
+                    f"{self.path}: line {exc.lineno}, column {exc.colno}: malformed JSON ({exc.msg})"
+                ) from exc
             except UnicodeDecodeError as exc:
                 raise DataError(f"{self.path}: not UTF-8 text ({exc})") from exc
             if not isinstance(data, list):
-                raise DataError(f"{self.path}: a LLaVA JSON file must hold a list of records, not {type(data).__name__}")
+                raise DataError(
+                    f"{self.path}: a LLaVA JSON file must hold a list of records, not {type(data).__name__}"
+                )
             self._cache = data
         return self._cache
 
@@ -373,11 +377,12 @@ class WebDataset(SampleDataset):
         if not hasattr(self, "_length"):
             keys = 0
             for shard in _wds_shards(self.path):
+                names = []
                 try:
                     with tarfile.open(shard) as tar:
-                        names = [m.name for m in tar.getmembers() if m.isreg()]
-                except (tarfile.TarError, OSError) as exc:
-                    raise DataError(f"{shard}: not a readable tar file ({exc})") from exc
+                        names += [member.name for member in tar if member.isreg()]
+                except (tarfile.TarError, OSError):
+                    pass  # a corrupt shard counts what is readable; iterating reports the problem
                 keys += len({k[0] for k in map(_tar_key, names) if k is not None})
             self._length = keys
         return self._length
@@ -396,7 +401,10 @@ class WebDataset(SampleDataset):
                         try:
                             record = json.loads(sample["json"].decode("utf-8"))
                         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                            yield where, RecordError(where, "bad_json", f"{sample['__key__']}.json is malformed ({exc})")
+                            yield (
+                                where,
+                                RecordError(where, "bad_json", f"{sample['__key__']}.json is malformed ({exc})"),
+                            )
                             continue
                         yield where, (record, sample)
             except (tarfile.TarError, OSError, ValueError) as exc:
@@ -416,6 +424,8 @@ class WebDataset(SampleDataset):
         members = payload[1]
         key = members["__key__"]
         name = str(ref)
+        if name.startswith("/") or ".." in name.split("/"):
+            raise RecordError(where, "path_escape", f"image reference {name!r} must name a member of the sample")
         ext = name[len(key) + 1 :].lower() if name.startswith(f"{key}.") else None
         if ext is None or ext not in members or ext == "json":
             raise RecordError(where, "missing_image", f"image member {name!r} is not in the shard")
@@ -745,11 +755,9 @@ class HfWriter(DatasetWriter):
         quiet = datasets.are_progress_bars_disabled()
         datasets.disable_progress_bars()
         try:
-            if self.count:
-                dataset = datasets.Dataset.from_file(str(self._tmp))
-            else:
-                dataset = datasets.Dataset.from_dict({k: [] for k in self.features}, features=self.features)
-            dataset.save_to_disk(str(self.path))
+            dataset = datasets.Dataset.from_file(str(self._tmp))
+            # an empty dataset needs one explicit shard, or it cannot be loaded back
+            dataset.save_to_disk(str(self.path), num_shards=None if self.count else 1)
             del dataset
         finally:
             if not quiet:

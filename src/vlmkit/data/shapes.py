@@ -268,7 +268,7 @@ def _place_object(
     x0, y0, x1, y1 = cell_bounds(cell, image_size, SUPERSAMPLE)
     side = min(x1 - x0, y1 - y0)
     low, high = SIZE_FRACTION[size]
-    radius = int(round(side * float(rng.uniform(low, high)) / 2))
+    radius = round(side * float(rng.uniform(low, high)) / 2)
     jitter = max(0, min((side - 2 * radius) // 2 - _CELL_MARGIN, int(0.12 * side)))
     dx, dy = (int(v) for v in rng.integers(-jitter, jitter + 1, size=2))
     center = ((x0 + x1) // 2 + dx, (y0 + y1) // 2 + dy)

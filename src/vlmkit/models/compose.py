@@ -89,7 +89,7 @@ def compose(
     )
     proj = build_projector(projector, tower.hidden_size, language_model.config.hidden_size).to(dtype or torch.float32)
     model = VisionLanguageModel(config, tower, proj, language_model)
-    log.info("composed VLM:\n%s", model.format_parameter_summary())
+    log.debug("composed VLM:\n%s", model.format_parameter_summary())
     return model, processor
 
 

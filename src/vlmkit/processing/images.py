@@ -9,7 +9,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
 import re
+import socket
+import urllib.parse
+import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +29,7 @@ DEFAULT_MAX_PIXELS = 50_000_000
 """Default pixel limit (50 MP): larger images are refused as possible decompression bombs."""
 
 ImageSource = str | Path | bytes | bytearray | Image.Image
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S)
 
 # Truncated files must fail loudly, never decode to a half-grey image.
@@ -57,35 +62,106 @@ def _decode_data_url(url: str) -> bytes:
         raise ImageError(f"image {describe_source(url)}: invalid base64 data ({exc})") from exc
 
 
-def _read_source(source: ImageSource, allow_remote: bool) -> tuple[bytes | Path | Image.Image, str]:
+@dataclass(frozen=True)
+class ImageAccess:
+    """Where images may come from. The defaults suit a local user: any local file, no network.
+
+    A server narrows this: no plain local paths, ``file://`` only under ``local_root``, http(s) only when allowed,
+    with a timeout, a size cap and private/loopback addresses refused.
+    """
+
+    allow_local: bool = True
+    local_root: Path | None = None
+    allow_remote: bool = False
+    remote_timeout: float = 5.0
+    remote_max_bytes: int = 20 * 1024 * 1024
+    allow_private_hosts: bool = False
+
+
+def _check_public_host(url: str, name: str) -> None:
+    host = urllib.parse.urlsplit(url).hostname
+    if not host:
+        raise ImageError(f"image {name}: URL has no host")
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror as exc:
+        raise ImageError(f"image {name}: cannot resolve host {host!r} ({exc})") from exc
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global:
+            raise ImageError(f"image {name}: host {host!r} resolves to a private or loopback address; refused")
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http(s) URLs that pass the same host check."""
+
+    def __init__(self, access: ImageAccess) -> None:
+        self.access = access
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        if not newurl.startswith(("http://", "https://")):
+            raise ImageError(f"image {describe_source(req.full_url)}: redirected to a non-http URL; refused")
+        if not self.access.allow_private_hosts:
+            _check_public_host(newurl, describe_source(newurl))
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch_remote(url: str, access: ImageAccess) -> bytes:
+    """Download an http(s) image within the access policy (timeout, size cap, public hosts only)."""
+    name = describe_source(url)
+    if not access.allow_private_hosts:
+        _check_public_host(url, name)
+    opener = urllib.request.build_opener(_CheckedRedirects(access))
+    request = urllib.request.Request(url, headers={"User-Agent": "vlmkit"})
+    try:
+        with opener.open(request, timeout=access.remote_timeout) as response:
+            data = response.read(access.remote_max_bytes + 1)
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"image {name}: download failed ({exc})") from exc
+    if len(data) > access.remote_max_bytes:
+        raise ImageError(f"image {name}: download is over the {access.remote_max_bytes:,}-byte limit")
+    return data
+
+
+def _read_source(source: ImageSource, access: ImageAccess) -> tuple[bytes | Path | Image.Image, str]:
     """Resolve a source to bytes, a file path or a PIL image, plus its name for messages."""
     name = describe_source(source)
     if isinstance(source, Image.Image):
         return source, name
     if isinstance(source, bytes | bytearray):
         return bytes(source), name
-    if isinstance(source, Path | str):
-        text = str(source)
-        if text.startswith("data:"):
-            return _decode_data_url(text), name
-        if text.startswith(("http://", "https://")):
-            if not allow_remote:
-                raise ImageError(
-                    f"image {name}: remote (http/https) images are disabled; download it first or "
-                    "allow remote images explicitly"
-                )
-            raise ImageError(f"image {name}: fetching remote images is not supported by load_image")
-        if text.startswith("file://"):
-            text = text[len("file://") :]
+    if not isinstance(source, Path | str):
+        raise ImageError(
+            f"unsupported image source type {type(source).__name__}; give a path, bytes, a PIL image or a data URL"
+        )
+    text = str(source)
+    if text.startswith("data:"):
+        return _decode_data_url(text), name
+    if text.startswith(("http://", "https://")):
+        if not access.allow_remote:
+            raise ImageError(
+                f"image {name}: remote (http/https) images are disabled; download it first or allow remote images"
+            )
+        return fetch_remote(text, access), name
+    if text.startswith("file://"):
+        path = Path(urllib.parse.unquote(text[len("file://") :]))
+        if access.local_root is None and not access.allow_local:
+            raise ImageError(f"image {name}: file:// URLs are disabled")
+    elif _SCHEME.match(text):
+        raise ImageError(f"image {name}: unsupported URL scheme; use a path, data:, http(s):// or file://")
+    elif not access.allow_local:
+        raise ImageError(f"image {name}: local paths are not allowed here; send the image as a data URL")
+    else:
         path = Path(text).expanduser()
-        if not path.exists():
-            raise ImageError(f"image {name}: file not found")
-        if not path.is_file():
-            raise ImageError(f"image {name}: not a file")
-        return path, name
-    raise ImageError(
-        f"unsupported image source type {type(source).__name__}; give a path, bytes, a PIL image or a data URL"
-    )
+    if access.local_root is not None:
+        root = Path(access.local_root).resolve()
+        if not path.resolve().is_relative_to(root):
+            raise ImageError(f"image {name}: outside the allowed media folder {root}")
+    if not path.exists():
+        raise ImageError(f"image {name}: file not found")
+    if not path.is_file():
+        raise ImageError(f"image {name}: not a file")
+    return path, name
 
 
 def _to_rgb(image: Image.Image, name: str) -> Image.Image:
@@ -117,15 +193,16 @@ def load_image(
     source: ImageSource,
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    allow_remote: bool = False,
+    access: ImageAccess | None = None,
 ) -> Image.Image:
     """Load an image as a fully decoded RGB PIL image with EXIF orientation applied.
 
-    ``source`` is a file path (or ``file://`` URL), raw bytes, a ``data:image/...;base64,`` URL or a PIL image.
+    ``source`` is a file path (or ``file://`` URL), raw bytes, a ``data:image/...;base64,`` URL, a PIL image, or
+    an http(s) URL when ``access`` allows it (default :class:`ImageAccess`: local files, no network).
     Raises :class:`ImageError` naming the source for missing, corrupt, truncated and non-image inputs, and for
     images over ``max_pixels`` (decompression bombs). ``max_pixels=None`` disables the limit.
     """
-    data, name = _read_source(source, allow_remote)
+    data, name = _read_source(source, access or ImageAccess())
     if isinstance(data, Image.Image):
         image = data
     else:

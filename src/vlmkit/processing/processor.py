@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from vlmkit.config import config_from_dict, config_to_dict
 from vlmkit.errors import CheckpointError, ImageTokenMismatchError, ProcessingError
 from vlmkit.processing.chat import DEFAULT_TEMPLATE_TOKENS, IMAGE_TOKEN, ChatEncoder, flatten_messages
-from vlmkit.processing.images import DEFAULT_MAX_PIXELS, ImageTransform, ImageTransformConfig, load_image
+from vlmkit.processing.images import DEFAULT_MAX_PIXELS, ImageAccess, ImageTransform, ImageTransformConfig, load_image
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class VLMProcessor:
         self.image_token = image_token
         self.image_token_id: int = tokenizer.convert_tokens_to_ids(image_token)
         self.max_pixels = max_pixels
+        self.image_access = ImageAccess()  # where images may come from; a server narrows it
         pad = tokenizer.pad_token_id
         self.pad_token_id: int = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self.stop_token_ids: list[int] = self.chat.end_of_turn_ids()
@@ -95,7 +96,9 @@ class VLMProcessor:
         """Load and transform image sources into a ``(N, 3, size, size)`` tensor (None for no images)."""
         if not sources:
             return None
-        return torch.stack([self.image_transform(load_image(s, max_pixels=self.max_pixels)) for s in sources])
+        return torch.stack(
+            [self.image_transform(load_image(s, max_pixels=self.max_pixels, access=self.image_access)) for s in sources]
+        )
 
     def encode(
         self,

@@ -1,0 +1,151 @@
+"""Generation speed: vlmkit's engine vs transformers' own generate() on the identical model and prompts.
+
+Prints JSON. Greedy, fixed length (no early stop), outputs compared token by token. Also times `describe`
+(batched) against the per-image loop of seed 000 (one image at a time through generate(), cache cleared after
+each). The model is a random-weight SigLIP + Llama composite sized like the built-in model, unless --model names
+a vlmkit checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import LlamaConfig, SiglipVisionConfig
+
+import vlmkit
+from vlmkit.api import VLM
+from vlmkit.inference.describe import describe
+from vlmkit.inference.options import GenerationOptions
+from vlmkit.processing.tokenizer_training import train_bpe_tokenizer
+
+PROMPTS = ["Describe the image.", "What colour is the large shape?", "How many objects are there?",
+           "Where is the red circle?", "Is there a blue square in the image?", "What word is written?"]  # fmt: skip
+
+
+def bench_model() -> VLM:
+    """A random SigLIP (128 px, patch 16: 64 image tokens) + Llama (4 layers, width 256) VLM."""
+    corpus = ["there is a red circle in the top left and a small blue square in the center"] * 50
+    tokenizer = train_bpe_tokenizer(corpus, vocab_size=1000)
+    vision = SiglipVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
+                                image_size=128, patch_size=16)  # fmt: skip
+    lm = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                     initializer_range=0.1)  # fmt: skip
+    torch.manual_seed(0)
+    return VLM(*vlmkit.compose(vision, lm, "mlp2x_gelu", tokenizer=tokenizer))
+
+
+def images(n: int) -> list[Image.Image]:
+    from vlmkit.data.shapes import render_scene, sample_scene
+
+    return [render_scene(sample_scene("val", 1, i)) for i in range(n)]
+
+
+def turn(image, prompt: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+
+
+def conversations(n: int, pics: list[Image.Image]) -> list[list[dict]]:
+    return [turn(pics[i % len(pics)], PROMPTS[i % len(PROMPTS)]) for i in range(n)]
+
+
+def hf_generate(vlm: VLM, convs: list[list[dict]], new_tokens: int) -> list[list[int]]:
+    """transformers' generate() on the same LM, fed the same spliced embeddings (left-padded batch)."""
+    batch = vlm.processor(convs, padding_side="left")
+    with torch.inference_mode():
+        embeds = vlm.model.embed_inputs(batch["input_ids"], batch["pixel_values"])
+        out = vlm.model.language_model.generate(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=new_tokens,
+            do_sample=False, eos_token_id=None, pad_token_id=vlm.processor.pad_token_id,
+        )  # fmt: skip
+    return [row.tolist() for row in out]
+
+
+def vlmkit_generate(vlm: VLM, convs: list[list[dict]], new_tokens: int) -> list[list[int]]:
+    results = vlm.engine.generate(convs, GenerationOptions(max_new_tokens=new_tokens))
+    return [r.token_ids for r in results]
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    fn()  # warm-up
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def per_image_loop(vlm: VLM, paths: list[Path], prompt: str, new_tokens: int) -> list[list[int]]:
+    """Seed 000's loop: one image at a time through generate(), memory cleared after each."""
+    outputs = []
+    for path in paths:
+        outputs += hf_generate(vlm, [turn(str(path), prompt)], new_tokens)
+        gc.collect()
+    return outputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", help="a vlmkit checkpoint folder (default: the random bench model)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--describe-images", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    vlm = vlmkit.load(args.model) if args.model else bench_model()
+    vlm.engine.stop_ids = set()  # fixed-length generation for both sides
+    vlm.model.language_model.generation_config.eos_token_id = None
+    pics = images(32)
+    report: dict = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "new_tokens": args.new_tokens, "generate": []}  # fmt: skip
+    for size in (int(b) for b in args.batches.split(",")):
+        convs = conversations(size, pics)
+        t_hf, out_hf = timed(lambda c=convs: hf_generate(vlm, c, args.new_tokens), args.repeats)
+        t_vk, out_vk = timed(lambda c=convs: vlmkit_generate(vlm, c, args.new_tokens), args.repeats)
+        tokens = size * args.new_tokens
+        print(size, t_hf, t_vk, file=sys.stderr)
+        report["generate"].append({
+            "batch": size, "outputs_match": out_hf == out_vk,
+            "transformers_tokens_per_s": round(tokens / t_hf, 1), "vlmkit_tokens_per_s": round(tokens / t_vk, 1),
+            "speedup": round(t_hf / t_vk, 2),
+        })  # fmt: skip
+    folder = Path(sys.argv[0]).resolve().parent / ".bench_images"
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for i, pic in enumerate(pics[: args.describe_images]):
+        paths.append(folder / f"{i:03d}.png")
+        pic.save(paths[-1])
+    prompt = "Describe the image."
+    start = time.perf_counter()
+    loop_out = per_image_loop(vlm, paths, prompt, args.new_tokens)
+    t_loop = time.perf_counter() - start
+    out = folder / "descriptions.jsonl"
+    out.unlink(missing_ok=True)
+    start = time.perf_counter()
+    describe(vlm, paths, out, prompt=prompt, batch_size=32, max_new_tokens=args.new_tokens, progress=False)
+    t_describe = time.perf_counter() - start
+    batched_out = vlmkit_generate(vlm, conversations_for(paths, prompt), args.new_tokens)
+    report["describe"] = {
+        "images": len(paths), "outputs_match": loop_out == batched_out,
+        "per_image_loop_images_per_s": round(len(paths) / t_loop, 2),
+        "describe_images_per_s": round(len(paths) / t_describe, 2), "speedup": round(t_loop / t_describe, 2),
+    }  # fmt: skip
+    print(json.dumps(report, indent=2))
+
+
+def conversations_for(paths: list[Path], prompt: str) -> list[list[dict]]:
+    return [turn(str(p), prompt) for p in paths]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""``vlmkit describe``: describe image files, folders and globs into a resumable JSONL file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vlmkit.commands.common import add_model_args, load_model, positive_int
+from vlmkit.inference.describe import DEFAULT_PROMPT
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from vlmkit.inference.describe import collect_images, describe
+
+    collect_images(args.paths)  # fail on a bad path before loading the model
+    vlm = load_model(args)
+    counter = AutoTokenizer.from_pretrained(args.budget_tokenizer) if args.budget_tokenizer else None
+    summary = describe(
+        vlm,
+        args.paths,
+        args.out,
+        prompt=args.prompt,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        token_budget=args.token_budget,
+        budget_tokenizer=counter,
+        progress=not args.quiet,
+    )
+    print(
+        f"{summary.described} described, {summary.errors} failed, {summary.skipped} already done "
+        f"({summary.images_per_second:.1f} images/s) → {args.out}",
+        file=sys.stderr,
+    )
+    if args.print:
+        from pathlib import Path
+
+        sys.stdout.write(Path(args.out).read_text(encoding="utf-8"))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("describe", help="describe images (files, folders, globs) into a JSONL file")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
+    add_model_args(parser)
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument(
+        "--out", default="descriptions.jsonl", help="JSONL output; rerunning resumes (default: %(default)s)"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=77)
+    parser.add_argument("--token-budget", type=positive_int, help="cut descriptions at a word boundary to ≤ N tokens")
+    parser.add_argument(
+        "--budget-tokenizer", help="tokenizer (hub id or folder) that measures the budget; default: the model's own"
+    )
+    parser.add_argument("--print", action="store_true", help="print the JSONL file when done")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)

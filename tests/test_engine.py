@@ -1,0 +1,164 @@
+import pytest
+import torch
+
+from conftest import compose_tiny, image_turn, make_tokenizer, qwen2_config, siglip_config
+from vlmkit.errors import ConfigError, ProcessingError
+from vlmkit.inference.detokenize import IncrementalDetokenizer
+from vlmkit.inference.engine import Engine
+from vlmkit.inference.options import GenerationOptions
+from vlmkit.inference.sampling import apply_repetition_penalty, filter_top_k_top_p
+
+CONVERSATIONS = [
+    [image_turn("Describe the image.", 2)],
+    [{"role": "user", "content": "How many stars are there? Tell me now."}],
+    [image_turn("What colour?", 1, (0, 0, 255))],
+    [{"role": "user", "content": "hi"}],
+    [image_turn("Is there a green triangle in the image?", 1, (0, 200, 0))],
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.manual_seed(0)
+    model, processor = compose_tiny(siglip_config(), qwen2_config(initializer_range=0.3))
+    return Engine(model, processor)
+
+
+def test_batched_greedy_equals_unbatched_for_every_row(engine):
+    options = GenerationOptions(max_new_tokens=24)
+    batched = engine.generate(CONVERSATIONS, options)
+    assert len({tuple(r.token_ids) for r in batched}) == len(CONVERSATIONS)  # the rows really differ
+    for conversation, result in zip(CONVERSATIONS, batched, strict=True):
+        alone = engine.generate([conversation], options)[0]
+        assert result.token_ids == alone.token_ids
+        assert result.text == alone.text and result.prompt_tokens == alone.prompt_tokens
+    # image tokens count in the prompt: two images of 16 tokens each
+    text_only = engine.processor.encode(
+        [{"role": "user", "content": [{"type": "text", "text": "Describe the image."}]}]
+    )
+    assert batched[0].prompt_tokens == len(text_only.input_ids) + 2 * 16 + 2  # + two "\n" joins
+
+
+def test_finish_reasons_and_counts(engine):
+    result = engine.generate(CONVERSATIONS[:1], GenerationOptions(max_new_tokens=5))[0]
+    assert result.finish_reason == "length" and result.completion_tokens == 5 == len(result.token_ids)
+    first = result.token_ids[0]
+    engine.stop_ids.add(first)
+    try:
+        stopped = engine.generate(CONVERSATIONS[:1], GenerationOptions(max_new_tokens=5))[0]
+    finally:
+        engine.stop_ids.discard(first)
+    assert stopped.finish_reason == "stop" and stopped.text == "" and stopped.completion_tokens == 1
+
+
+def test_rows_stop_on_their_own(engine):
+    options = [GenerationOptions(max_new_tokens=n) for n in (3, 9, 1, 6, 2)]
+    results = engine.generate(CONVERSATIONS, options)
+    assert [r.completion_tokens for r in results] == [3, 9, 1, 6, 2]
+    full = engine.generate(CONVERSATIONS, GenerationOptions(max_new_tokens=9))
+    for short, long in zip(results, full, strict=True):
+        assert long.token_ids[: short.completion_tokens] == short.token_ids
+
+
+def test_stream_concatenates_to_full_text(engine):
+    options = GenerationOptions(max_new_tokens=30)
+    for conversation in CONVERSATIONS[:3]:
+        full = engine.generate([conversation], options)[0]
+        pieces = [e.text for e in engine.stream_batch([conversation], options)]
+        assert "".join(pieces) == full.text
+        assert len([p for p in pieces if p]) > 1
+
+
+def test_stop_strings_cut_text_and_stream(engine):
+    base = engine.generate(CONVERSATIONS[:1], GenerationOptions(max_new_tokens=30))[0].text
+    stop = base[5:8]
+    expected = base[: base.find(stop)]
+    options = GenerationOptions(max_new_tokens=30, stop=(stop,))
+    result = engine.generate(CONVERSATIONS[:1], options)[0]
+    assert result.text == expected and result.finish_reason == "stop"
+    pieces = [e.text for e in engine.stream_batch(CONVERSATIONS[:1], options)]
+    assert "".join(pieces) == expected
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
+    sample = GenerationOptions(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    a = engine.generate(CONVERSATIONS, sample)
+    b = engine.generate(CONVERSATIONS[::-1], sample)[::-1]
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    other = engine.generate(CONVERSATIONS, GenerationOptions(max_new_tokens=16, temperature=1.0, seed=8))
+    assert [r.token_ids for r in a] != [r.token_ids for r in other]
+
+
+def test_generation_runs_without_autograd(engine):
+    seen = []
+    handle = engine.model.language_model.register_forward_hook(
+        lambda *_: seen.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+    )
+    try:
+        engine.generate(CONVERSATIONS[:2], GenerationOptions(max_new_tokens=3))
+    finally:
+        handle.remove()
+    assert seen and all(grad is False and inference for grad, inference in seen)
+
+
+def test_prompt_longer_than_context_and_budget_clipped():
+    model, processor = compose_tiny(lm=qwen2_config(max_position_embeddings=40))
+    engine = Engine(model, processor)
+    with pytest.raises(
+        ProcessingError, match=r"conversation 0: the prompt has \d+ tokens \(images included\) but .* 40"
+    ):
+        engine.generate([[image_turn("Describe the image in great detail please.", 2)]], GenerationOptions())
+    short = [{"role": "user", "content": "hi"}]
+    n = len(engine.encode(short).input_ids)
+    result = engine.generate([short], GenerationOptions(max_new_tokens=500))[0]
+    assert result.finish_reason in ("length", "stop") and n + result.completion_tokens <= 40
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+        ({"max_new_tokens": -3}, "max_new_tokens must be a positive integer"),
+        ({"temperature": -1}, "temperature must be ≥ 0"),
+        ({"top_p": 0}, "top_p must be in"),
+        ({"top_k": -1}, "top_k must be ≥ 0"),
+        ({"repetition_penalty": 0}, "repetition_penalty must be > 0"),
+        ({"stop": [""]}, "stop strings must be non-empty"),
+        ({"max_tokens": 3}, "unknown generation option.*max_tokens.*valid options: max_new_tokens"),
+    ],
+)
+def test_option_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        GenerationOptions.from_kwargs(**kwargs)
+
+
+def test_sampling_filters_by_hand():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    seen = torch.tensor([True, True, False, False])
+    assert apply_repetition_penalty(logits.clone(), seen, 2.0).tolist() == [1.0, -2.0, 0.5, 3.0]
+    top2 = filter_top_k_top_p(logits, top_k=2, top_p=1.0)
+    assert torch.isinf(top2[[1, 2]]).all() and top2[[0, 3]].tolist() == [2.0, 3.0]
+    # probabilities ≈ [0.25, 0.01, 0.06, 0.68]: top_p 0.7 keeps 3.0 and 2.0 (0.68 < 0.7), drops the rest
+    nucleus = filter_top_k_top_p(logits, top_k=0, top_p=0.7)
+    assert torch.isfinite(nucleus).tolist() == [True, False, False, True]
+    assert torch.isfinite(filter_top_k_top_p(logits, 0, 0.5)).tolist() == [False, False, False, True]
+
+
+def test_detokenizer_never_splits_multibyte_characters():
+    tokenizer = make_tokenizer()
+    text = "naïve façade 東京 👍 ok — 漢字テスト"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # byte-level pieces: some characters span several tokens
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.add(i) for i in ids] + [detok.finish()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_detokenizer_holds_back_possible_stop_prefix():
+    tokenizer = make_tokenizer()
+    ids = tokenizer("red circle. blue square", add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer, stop=(". blue",))
+    pieces = [detok.add(i) for i in ids]
+    assert "".join(pieces) + detok.finish() == "red circle"
+    assert detok.stopped
