@@ -116,3 +116,25 @@ def test_demo_runs_on_shipped_examples(capsys):
     assert main(["demo"]) == 0
     captured = capsys.readouterr()
     assert captured.out.count("shapes-") == 4 and "UNTRAINED" in captured.err
+
+
+def test_cli_eval_suite_and_resume(tmp_path, capsys):
+    out = tmp_path / "ev"
+    argv = ["eval", "--model", "tiny-random", "--suite", "shapesworld", "--n", "3", "--out", str(out), "--quiet",
+            "--max-new-tokens", "4", "--batch-size", "8"]  # fmt: skip
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "existence F1 (random)" in first and "counting accuracy" in first
+    report = json.loads((out / "report.json").read_text())
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert report["model"] == "tiny-random" and len(lines) > 3
+    assert main(argv) == 0  # resumes: nothing new to predict, nothing duplicated
+    assert "0 resumed" not in capsys.readouterr().out
+    assert (out / "predictions.jsonl").read_text().splitlines() == lines
+
+
+def test_cli_eval_needs_task_or_suite(capsys):
+    assert main(["eval", "--model", "tiny-random"]) == 1
+    assert "give either --task" in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny-random", "--task", "pope"]) == 1
+    assert "needs --data" in capsys.readouterr().err

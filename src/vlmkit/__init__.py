@@ -1,6 +1,13 @@
-"""vlmkit: build, train, run, serve, evaluate and export vision-language models."""
+"""vlmkit: build, train, run, serve, evaluate and export vision-language models.
 
-from vlmkit.api import VLM, load
+Heavy modules (torch, transformers) load on first use of a name below, so ``import vlmkit.data`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from vlmkit.errors import (
     CheckpointError,
     ConfigError,
@@ -11,13 +18,22 @@ from vlmkit.errors import (
     RegistryError,
     VlmkitError,
 )
-from vlmkit.models.compose import compose, load_pretrained, save_pretrained
-from vlmkit.models.projector import build_projector, projector_names
-from vlmkit.models.vlm import VisionLanguageModel
-from vlmkit.processing.images import load_image
-from vlmkit.processing.processor import VLMProcessor
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "VLM": "vlmkit.api",
+    "load": "vlmkit.api",
+    "compose": "vlmkit.models.compose",
+    "load_pretrained": "vlmkit.models.compose",
+    "save_pretrained": "vlmkit.models.compose",
+    "build_projector": "vlmkit.models.projector",
+    "projector_names": "vlmkit.models.projector",
+    "VisionLanguageModel": "vlmkit.models.vlm",
+    "load_image": "vlmkit.processing.images",
+    "VLMProcessor": "vlmkit.processing.processor",
+    "GenerationOptions": "vlmkit.inference.options",
+}
 
 __all__ = [
     "CheckpointError",
@@ -27,15 +43,14 @@ __all__ = [
     "ImageTokenMismatchError",
     "ProcessingError",
     "RegistryError",
-    "VLM",
-    "VLMProcessor",
-    "VisionLanguageModel",
     "VlmkitError",
-    "build_projector",
-    "compose",
-    "load",
-    "load_image",
-    "load_pretrained",
-    "projector_names",
-    "save_pretrained",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vlmkit' has no attribute {name!r}")

@@ -77,7 +77,9 @@ def _progress(total: int, desc: str, disable: bool) -> Any:
         yield bar.update
 
 
-def _print_counts(title: str, counts: Counter[str] | dict[str, int], describe: Callable[[str], str] | None = None):
+def _print_counts(
+    title: str, counts: Counter[str] | dict[str, int], describe: Callable[[str], Any] | None = None
+) -> None:
     print(f"{title}:")
     width = max((len(k) for k in counts), default=0)
     for key, value in sorted(counts.items()):

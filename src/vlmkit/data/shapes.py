@@ -297,7 +297,7 @@ def _place_word(rng: np.random.Generator, free_cells: list[int], image_size: int
 
 
 def _ink_box(text: str, font: Any, anchor: tuple[int, int], image_size: int) -> Box:
-    """The exact pixel box of a word's ink, found by drawing it on a mask."""
+    """The pixel box of a word's ink, found by drawing it on a full-resolution mask (at most 1 px loose)."""
     mask = Image.new("L", (image_size * SUPERSAMPLE,) * 2, 0)
     ImageDraw.Draw(mask).text(anchor, text, fill=255, font=font, anchor="mm")
     left, top, right, bottom = mask.getbbox() or (0, 0, 1, 1)

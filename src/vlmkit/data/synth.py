@@ -147,7 +147,7 @@ def iter_eval_items(
     return parallel_chunks(_eval_chunk, ("test", seed, image_size), 0, n, workers=workers)
 
 
-def _eval_row(item: EvalItem, image: str) -> tuple[str, dict[str, Any]]:
+def _eval_row(item: EvalItem, image: str, size: int) -> tuple[str, dict[str, Any]]:
     """The export file and JSON row of one evaluation item."""
     if item.task == "exist":
         label = item.answer.lower()
@@ -155,11 +155,14 @@ def _eval_row(item: EvalItem, image: str) -> tuple[str, dict[str, Any]]:
                               "label": label, "category": item.category}  # fmt: skip
     if item.task == "grounding":
         return "grounding.jsonl", {"question_id": item.question_id, "image": image, "expression": item.expression,
-                                   "bbox": list(item.bbox or ()), "question": item.question}  # fmt: skip
+                                   "bbox": list(item.bbox or ()), "question": item.question,
+                                   "width": size, "height": size}  # fmt: skip
     if item.task == "caption":
-        return "caption.jsonl", {"image": image, "captions": list(item.answers), "question": item.question}
+        return "caption.jsonl", {"question_id": item.question_id, "image": image, "captions": list(item.answers),
+                                 "question": item.question}  # fmt: skip
     return "vqa.jsonl", {"question_id": item.question_id, "image": image, "question": item.question,
-                         "answers": list(item.answers), "answer": item.answer, "task": item.task}  # fmt: skip
+                         "answers": list(item.answers), "answer": item.answer, "task": item.task,
+                         "kind": item.kind}  # fmt: skip
 
 
 def export_eval(
@@ -191,7 +194,7 @@ def export_eval(
             image = f"images/{scene.id}.png"
             (out / image).write_bytes(png)
             for item in items:
-                name, row = _eval_row(item, image)
+                name, row = _eval_row(item, image, scene.image_size)
                 files[name].write(json.dumps(row, ensure_ascii=False) + "\n")
                 counts[name] += 1
     finally:

@@ -97,6 +97,8 @@ class EvalItem:
     category: str | None = None
     bbox: Box | None = None
     expression: str | None = None
+    kind: str | None = None
+    """The question's sub-type, as in :attr:`QA.kind`."""
 
 
 def parse_tasks(spec: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -318,6 +320,6 @@ def eval_items(scene: Scene, rng: np.random.Generator) -> list[EvalItem]:
     qas.append(ask("caption", scene, rng, canonical=True))
     return [
         EvalItem(f"{scene.id}-{k:02d}", scene.id, qa.task, qa.question, qa.answer, qa.answers, qa.category,
-                 qa.bbox, qa.expression)
+                 qa.bbox, qa.expression, qa.kind)
         for k, qa in enumerate(qas)
     ]  # fmt: skip

@@ -140,8 +140,11 @@ class Engine:
         while rows:
             tokens: list[int] = []
             keep: list[int] = []
+            # one argmax for all plain greedy rows; sampled or penalised rows choose one by one
+            argmax = logits.argmax(-1).tolist()
             for r, row in enumerate(rows):
-                token = choose_token(logits[r], row.options, row.seen, row.generator)
+                plain = row.options.greedy and row.seen is None
+                token = argmax[r] if plain else choose_token(logits[r], row.options, row.seen, row.generator)
                 row.generated += 1
                 finish = None
                 if token in self.stop_ids:

@@ -274,7 +274,7 @@ class ImageTransform:
         if width == height:
             return image
         side = max(width, height)
-        fill = tuple(round(m * 255) for m in self.config.mean)
+        fill = tuple(int(m * 255) for m in self.config.mean)  # as LLaVA's expand2square
         canvas = Image.new("RGB", (side, side), fill)
         canvas.paste(image, ((side - width) // 2, (side - height) // 2))
         return canvas
