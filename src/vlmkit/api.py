@@ -100,6 +100,10 @@ def _load_parts(name: str) -> tuple[VisionLanguageModel, VLMProcessor]:
             raise CheckpointError(f"model {name!r}: not a local folder and the hub download failed ({exc})") from exc
     if not (path / "config.json").is_file():
         raise CheckpointError(f"model folder {path} has no config.json")
+    from vlmkit.interop.hf_llava import is_hf_llava, load_hf_llava
+
+    if is_hf_llava(path):
+        return load_hf_llava(path)
     return load_pretrained(path)
 
 

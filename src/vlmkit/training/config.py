@@ -178,6 +178,8 @@ def _validate_stage(stage: StageConfig, where: str) -> None:
     unknown = sorted(set(stage.module_lr) - set(COMPONENTS))
     if unknown:
         raise ConfigError(f"{where}.module_lr: unknown component(s) {unknown}; valid: {', '.join(COMPONENTS)}")
+    if stage.policy.projector == "lora":
+        raise ConfigError(f"{where}.policy.projector: LoRA is for the vision tower and the LM; use 'full' or 'frozen'")
     if all(getattr(stage.policy, c) == "frozen" for c in COMPONENTS):
         raise ConfigError(f"{where}: every component is frozen; nothing would train")
     positive = {"lr": stage.lr, "batch_size": stage.batch_size, "grad_accum": stage.grad_accum}

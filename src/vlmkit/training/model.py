@@ -1,0 +1,224 @@
+"""The model side of training: build it from a spec, apply a stage's per-component policy (frozen, full, LoRA
+through peft), optimizer parameter groups, and plain (LoRA-merged) exports."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.models.compose import compose, load_pretrained, save_pretrained
+from vlmkit.models.vision import VisionTower
+from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.processing.processor import VLMProcessor
+from vlmkit.training.config import COMPONENTS, ModelSpec, StageConfig
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+MODULE_OF = {"vision": "vision_tower", "projector": "projector", "language_model": "language_model"}
+"""Config component name → attribute of :class:`VisionLanguageModel`."""
+
+
+def build_model(
+    spec: ModelSpec, texts: Callable[[], Iterable[str]] | None = None
+) -> tuple[VisionLanguageModel, VLMProcessor]:
+    """The model and processor a spec describes (checkpoint, or parts composed with a new projector).
+
+    ``texts`` supplies the training texts when ``spec.train_tokenizer`` asks for a tokenizer trained on them.
+    """
+    spec.validate()
+    if spec.checkpoint:
+        model, processor = _load_checkpoint(spec.checkpoint)
+    else:
+        tokenizer: Any = spec.tokenizer
+        if spec.train_tokenizer:
+            from vlmkit.processing.tokenizer_training import train_bpe_tokenizer
+
+            if texts is None:
+                raise ConfigError("model.train_tokenizer needs training texts")
+            tokenizer = train_bpe_tokenizer(texts(), vocab_size=spec.train_tokenizer)
+            log.info("trained a byte-level BPE tokenizer of %d tokens on the training texts", len(tokenizer))
+        lm = spec.lm
+        if isinstance(lm, dict) and "vocab_size" not in lm and tokenizer is not None and not isinstance(tokenizer, str):
+            lm = {**lm, "vocab_size": len(tokenizer)}
+        model, processor = compose(
+            spec.vision,  # type: ignore[arg-type]
+            lm,  # type: ignore[arg-type]
+            spec.projector,
+            tokenizer=tokenizer,
+            feature_layer=spec.feature_layer,
+            select_strategy=spec.select_strategy,
+            resize_mode=spec.resize_mode,
+        )
+    if spec.projector_checkpoint:
+        model.load_projector(spec.projector_checkpoint)  # ConfigError when dimensions differ
+        log.info("loaded the projector from %s", spec.projector_checkpoint)
+    return model, processor
+
+
+def _load_checkpoint(name: str) -> tuple[VisionLanguageModel, VLMProcessor]:
+    from vlmkit.api import BUILTIN_MODELS
+
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name]()
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"model.checkpoint {name!r} is not a vlmkit checkpoint folder (no config.json) nor a built-in name "
+            f"({', '.join(BUILTIN_MODELS)})"
+        )
+    return load_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------------- policy
+
+
+def _peft_target(model: VisionLanguageModel, component: str) -> tuple[Any, str]:
+    """(owner, attribute) of the module LoRA wraps for a component (the tower's transformers model)."""
+    if component == "vision":
+        return model.vision_tower, "model"
+    if component == "language_model":
+        return model, "language_model"
+    raise ConfigError(f"LoRA is not supported for the {component}; use 'full' or 'frozen'")
+
+
+def lora_components(model: VisionLanguageModel) -> dict[str, Any]:
+    """Components currently wrapped by a peft LoRA model, by config name."""
+    from peft import PeftModel
+
+    out = {}
+    for component in ("vision", "language_model"):
+        owner, attr = _peft_target(model, component)
+        module = getattr(owner, attr)
+        if isinstance(module, PeftModel):
+            out[component] = module
+    return out
+
+
+def merge_lora(model: VisionLanguageModel) -> list[str]:
+    """Merge every LoRA adapter into its base weights, in place; returns the merged components."""
+    merged = []
+    for component, peft_model in lora_components(model).items():
+        owner, attr = _peft_target(model, component)
+        setattr(owner, attr, peft_model.merge_and_unload())
+        merged.append(component)
+    return merged
+
+
+def apply_policy(model: VisionLanguageModel, stage: StageConfig) -> None:
+    """Freeze, fully train or LoRA-wrap each component as the stage says (earlier adapters are merged first)."""
+    from peft import LoraConfig, get_peft_model
+
+    merged = merge_lora(model)
+    if merged:
+        log.info("merged the LoRA adapters of %s into the base weights", ", ".join(merged))
+    for component in COMPONENTS:
+        policy = getattr(stage.policy, component)
+        module: nn.Module = getattr(model, MODULE_OF[component])
+        module.requires_grad_(policy == "full")
+        if policy == "lora":
+            owner, attr = _peft_target(model, component)
+            config = LoraConfig(
+                r=stage.lora.r,
+                lora_alpha=stage.lora.alpha,
+                lora_dropout=stage.lora.dropout,
+                target_modules=stage.lora.target_modules,
+            )
+            try:
+                wrapped = get_peft_model(getattr(owner, attr), config)
+            except ValueError as exc:
+                raise ConfigError(f"stage {stage.name!r}: LoRA on the {component}: {exc}") from exc
+            setattr(owner, attr, wrapped)
+
+
+def set_gradient_checkpointing(model: VisionLanguageModel, stage: StageConfig) -> None:
+    """Turn activation checkpointing on or off for the LM (always on the backward path) and a training tower."""
+    targets = [("language_model", model.language_model), ("vision", model.vision_tower.model)]
+    for component, module in targets:
+        base = module.get_base_model() if hasattr(module, "get_base_model") else module
+        on = stage.gradient_checkpointing and (component == "language_model" or stage.policy.vision != "frozen")
+        if not getattr(base, "supports_gradient_checkpointing", False):
+            if on:
+                log.warning("%s does not support gradient checkpointing", type(base).__name__)
+            continue
+        if on:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(base.config, "use_cache"):
+                base.config.use_cache = False
+        elif base.is_gradient_checkpointing:
+            base.gradient_checkpointing_disable()
+
+
+def param_groups(model: VisionLanguageModel, stage: StageConfig) -> list[dict[str, Any]]:
+    """AdamW groups per component (its ``module_lr`` or the stage ``lr``); biases and norms get no decay."""
+    groups = []
+    for component in COMPONENTS:
+        lr = stage.module_lr.get(component, stage.lr)
+        decay, no_decay = [], []
+        for param in getattr(model, MODULE_OF[component]).parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        for params, wd, suffix in ((decay, stage.weight_decay, ""), (no_decay, 0.0, ".no_decay")):
+            if params:
+                groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": component + suffix})
+    return groups
+
+
+def trainable_counts(model: VisionLanguageModel) -> dict[str, dict[str, int]]:
+    """Trainable and total parameters per component (config names)."""
+    summary = model.parameter_summary()
+    return {
+        component: {"trainable": summary[MODULE_OF[component]].trainable, "total": summary[MODULE_OF[component]].total}
+        for component in COMPONENTS
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def merged_view(model: VisionLanguageModel) -> VisionLanguageModel:
+    """The model with LoRA merged, as a plain VisionLanguageModel; merged parts are copies, ``model`` is untouched
+    (parts without LoRA are shared, not copied)."""
+    wrapped = lora_components(model)
+    if not wrapped:
+        return model
+    tower = model.vision_tower
+    if "vision" in wrapped:
+        tower = VisionTower(copy.deepcopy(wrapped["vision"]).merge_and_unload(), tower.feature_layer, tower.select_strategy)
+    lm = model.language_model
+    if "language_model" in wrapped:
+        lm = copy.deepcopy(wrapped["language_model"]).merge_and_unload()
+    return VisionLanguageModel(model.config, tower, model.projector, lm)
+
+
+def export_plain(model: VisionLanguageModel, processor: VLMProcessor, folder: str | Path) -> Path:
+    """Save a plain vlmkit checkpoint (LoRA merged) that :func:`vlmkit.load_pretrained` reads."""
+    with torch.no_grad():
+        return save_pretrained(merged_view(model), processor, folder)
+
+
+def save_adapters(model: VisionLanguageModel, folder: str | Path) -> list[str]:
+    """Save each LoRA adapter with peft (``folder/<component>/adapter_model.safetensors``)."""
+    saved = []
+    for component, peft_model in lora_components(model).items():
+        peft_model.save_pretrained(str(Path(folder) / component))
+        saved.append(component)
+    return saved
+
+
+def load_adapter(model: VisionLanguageModel, folder: str | Path, component: str = "language_model") -> None:
+    """Attach a saved LoRA adapter (``save_adapters``' ``folder/<component>``) to a model's component."""
+    from peft import PeftModel
+
+    path = Path(folder) / component
+    if not (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"{path}: no adapter_config.json; not a saved LoRA adapter")
+    owner, attr = _peft_target(model, component)
+    setattr(owner, attr, PeftModel.from_pretrained(getattr(owner, attr), str(path)))
