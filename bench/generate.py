@@ -17,36 +17,15 @@ import time
 from pathlib import Path
 
 import torch
+from common import bench_model, shapes_images
 from PIL import Image
-from transformers import LlamaConfig, SiglipVisionConfig
 
-import vlmkit
 from vlmkit.api import VLM
 from vlmkit.inference.describe import describe
 from vlmkit.inference.options import GenerationOptions
-from vlmkit.processing.tokenizer_training import train_bpe_tokenizer
 
 PROMPTS = ["Describe the image.", "What colour is the large shape?", "How many objects are there?",
            "Where is the red circle?", "Is there a blue square in the image?", "What word is written?"]  # fmt: skip
-
-
-def bench_model() -> VLM:
-    """A random SigLIP (128 px, patch 16: 64 image tokens) + Llama (4 layers, width 256) VLM."""
-    corpus = ["there is a red circle in the top left and a small blue square in the center"] * 50
-    tokenizer = train_bpe_tokenizer(corpus, vocab_size=1000)
-    vision = SiglipVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
-                                image_size=128, patch_size=16)  # fmt: skip
-    lm = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                     initializer_range=0.1)  # fmt: skip
-    torch.manual_seed(0)
-    return VLM(*vlmkit.compose(vision, lm, "mlp2x_gelu", tokenizer=tokenizer))
-
-
-def images(n: int) -> list[Image.Image]:
-    from vlmkit.data.shapes import render_scene, sample_scene
-
-    return [render_scene(sample_scene("val", 1, i)) for i in range(n)]
 
 
 def turn(image, prompt: str) -> list[dict]:
@@ -102,10 +81,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    vlm = vlmkit.load(args.model) if args.model else bench_model()
+    vlm = bench_model(args.model)
     vlm.engine.stop_ids = set()  # fixed-length generation for both sides
     vlm.model.language_model.generation_config.eos_token_id = None
-    pics = images(32)
+    pics = shapes_images(32)
     report: dict = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "new_tokens": args.new_tokens, "generate": []}  # fmt: skip
     for size in (int(b) for b in args.batches.split(",")):

@@ -162,3 +162,42 @@ def test_detokenizer_holds_back_possible_stop_prefix():
     pieces = [detok.add(i) for i in ids]
     assert "".join(pieces) + detok.finish() == "red circle"
     assert detok.stopped
+
+
+def run_to_end(batch, collected):
+    while batch:
+        for event in batch.step():
+            if event.result is not None:
+                collected[event.index] = event.result
+
+
+def test_requests_join_a_running_batch_and_match_solo_runs(engine):
+    options = GenerationOptions(max_new_tokens=12)
+    solo = {i: engine.generate([c], options)[0] for i, c in enumerate(CONVERSATIONS)}
+    batch = engine.new_batch()
+    results = {}
+    batch.add([(0, engine.encode(CONVERSATIONS[0]), options), (1, engine.encode(CONVERSATIONS[1]), options)])
+    for _ in range(4):  # rows 0 and 1 are 4 tokens in when 2 and 3 arrive (different prompt lengths)
+        for event in batch.step():
+            assert event.result is None
+    batch.add([(2, engine.encode(CONVERSATIONS[2]), options), (3, engine.encode(CONVERSATIONS[3]), options)])
+    batch.step()
+    batch.add([(4, engine.encode(CONVERSATIONS[4]), options)])
+    assert batch.keys == [0, 1, 2, 3, 4]
+    run_to_end(batch, results)
+    for key, result in solo.items():
+        assert results[key].token_ids == result.token_ids, key
+
+
+def test_cancelled_rows_leave_and_others_are_unaffected(engine):
+    options = GenerationOptions(max_new_tokens=10)
+    solo = engine.generate([CONVERSATIONS[2]], options)[0]
+    batch = engine.new_batch()
+    batch.add([("a", engine.encode(CONVERSATIONS[0]), options), ("b", engine.encode(CONVERSATIONS[2]), options)])
+    batch.step()
+    batch.cancel({"a"})
+    assert batch.keys == ["b"] and batch.mask.shape[0] == 1
+    assert batch.mask[0, 0] == 1  # the padding only row "a" needed was trimmed
+    results = {}
+    run_to_end(batch, results)
+    assert list(results) == ["b"] and results["b"].token_ids == solo.token_ids

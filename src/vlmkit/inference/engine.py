@@ -6,7 +6,7 @@ The Python API, the CLI (chat, describe), the server and the evaluator all gener
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from vlmkit.errors import ProcessingError
+from vlmkit.inference import kv_cache
 from vlmkit.inference.detokenize import IncrementalDetokenizer
 from vlmkit.inference.options import GenerationOptions, GenerationResult
 from vlmkit.inference.sampling import choose_token
@@ -27,16 +28,16 @@ Conversation = list[dict[str, Any]]
 
 @dataclass
 class StreamEvent:
-    """A piece of text for request ``index``; ``result`` is set on the request's last event."""
+    """A piece of text for request ``index`` (any hashable key); ``result`` is set on the request's last event."""
 
-    index: int
+    index: Hashable
     text: str
     result: GenerationResult | None = None
 
 
 @dataclass
 class _Row:
-    index: int
+    key: Hashable
     options: GenerationOptions
     prompt_tokens: int
     budget: int
@@ -96,7 +97,7 @@ class Engine:
         with torch.inference_mode():
             yield from self._run(encoded, list(options))
 
-    def _new_row(self, index: int, sample: EncodedSample, options: GenerationOptions) -> _Row:
+    def _new_row(self, key: Hashable, sample: EncodedSample, options: GenerationOptions) -> _Row:
         generator = None
         if not options.greedy:
             generator = torch.Generator()
@@ -108,7 +109,7 @@ class Engine:
             seen[ids[ids < self.vocab_size]] = True
         n = len(sample.input_ids)
         return _Row(
-            index=index,
+            key=key,
             options=options,
             prompt_tokens=n,
             budget=min(options.max_new_tokens, self.context_length - n),
@@ -117,11 +118,47 @@ class Engine:
             seen=seen,
         )
 
+    def new_batch(self) -> DecodeBatch:
+        """An empty running batch that requests can join (:meth:`DecodeBatch.add`) and leave at any step."""
+        return DecodeBatch(self)
+
     def _run(self, encoded: list[EncodedSample], options: list[GenerationOptions]) -> Iterator[StreamEvent]:
-        model = self.model
+        batch = self.new_batch()
+        batch.add([(i, sample, opts) for i, (sample, opts) in enumerate(zip(encoded, options, strict=True))])
+        while batch:
+            yield from batch.step()
+
+
+class DecodeBatch:
+    """Rows being decoded together: left-padded KV cache, attention mask, next positions and next-token logits.
+
+    ``add`` prefills new requests and merges them into the running batch; ``step`` picks one token per row,
+    emits text, retires finished rows and runs one decoding forward pass for the rest.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.next_pos = torch.zeros(0, dtype=torch.long)
+        self.logits: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return [row.key for row in self.rows]
+
+    @torch.inference_mode()
+    def add(self, items: Sequence[tuple[Hashable, EncodedSample, GenerationOptions]]) -> None:
+        """Prefill ``(key, encoded prompt, options)`` items together and join them to the batch."""
+        if not items:
+            return
+        engine, model = self.engine, self.engine.model
         device = model.device
-        rows = [self._new_row(i, s, o) for i, (s, o) in enumerate(zip(encoded, options, strict=True))]
-        batch = self.processor.collate(encoded, padding_side="left")
+        batch = engine.processor.collate([sample for _, sample, _ in items], padding_side="left")
         mask = batch["attention_mask"].to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
@@ -134,60 +171,87 @@ class Engine:
             use_cache=True,
             logits_to_keep=1,
         )
-        next_pos = positions[:, -1] + 1
         logits = out.logits[:, -1]
-        del out, batch
-        while rows:
-            tokens: list[int] = []
-            keep: list[int] = []
-            # one argmax for all plain greedy rows; sampled or penalised rows choose one by one
-            argmax = logits.argmax(-1).tolist()
-            for r, row in enumerate(rows):
-                plain = row.options.greedy and row.seen is None
-                token = argmax[r] if plain else choose_token(logits[r], row.options, row.seen, row.generator)
-                row.generated += 1
-                finish = None
-                if token in self.stop_ids:
+        rows = [engine._new_row(key, sample, opts) for key, sample, opts in items]
+        if self.cache is None or not self.rows:
+            self.cache, self.mask, self.logits = cache, mask, logits
+            self.next_pos = positions[:, -1] + 1
+            self.rows = rows
+        else:
+            self.cache, self.mask = kv_cache.merge(self.cache, self.mask, cache, mask)
+            self.logits = torch.cat([self.logits, logits])
+            self.next_pos = torch.cat([self.next_pos, positions[:, -1] + 1])
+            self.rows += rows
+
+    def cancel(self, keys: set[Hashable]) -> None:
+        """Drop rows (e.g. a client went away) without emitting anything for them."""
+        self._keep([r for r, row in enumerate(self.rows) if row.key not in keys])
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.logits = [], None, None
+            self.mask = self.mask[:0]
+            self.next_pos = self.next_pos[:0]
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        kv_cache.select_rows(self.cache, index)
+        self.mask = kv_cache.trim_padding(self.cache, self.mask[index])
+        self.next_pos, self.logits = self.next_pos[index], self.logits[index]
+        self.rows = [self.rows[k] for k in keep]
+
+    @torch.inference_mode()
+    def step(self) -> list[StreamEvent]:
+        """Choose the next token of every row; returns text pieces and the results of rows that finished."""
+        events: list[StreamEvent] = []
+        tokens: list[int] = []
+        keep: list[int] = []
+        stop_ids = self.engine.stop_ids
+        # one argmax for all plain greedy rows; sampled or penalised rows choose one by one
+        argmax = self.logits.argmax(-1).tolist()
+        for r, row in enumerate(self.rows):
+            plain = row.options.greedy and row.seen is None
+            token = argmax[r] if plain else choose_token(self.logits[r], row.options, row.seen, row.generator)
+            row.generated += 1
+            finish = None
+            if token in stop_ids:
+                finish = "stop"
+            else:
+                if row.seen is not None:
+                    row.seen[token] = True
+                piece = row.detok.add(token)
+                if row.detok.stopped:
                     finish = "stop"
-                else:
-                    if row.seen is not None:
-                        row.seen[token] = True
-                    piece = row.detok.add(token)
-                    if row.detok.stopped:
-                        finish = "stop"
-                    elif row.generated >= row.budget:
-                        finish = "length"
-                    if piece:
-                        yield StreamEvent(row.index, piece)
-                if finish:
-                    tail = row.detok.finish()
-                    result = GenerationResult(
-                        text=row.detok.text,
-                        finish_reason=finish,  # type: ignore[arg-type]
-                        prompt_tokens=row.prompt_tokens,
-                        completion_tokens=row.generated,
-                        token_ids=list(row.detok.ids),
-                    )
-                    yield StreamEvent(row.index, tail, result)
-                else:
-                    keep.append(r)
-                    tokens.append(token)
-            if not keep:
-                break
-            if len(keep) < len(rows):  # finished rows leave the batch
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask, next_pos = mask[index], next_pos[index]
-                rows = [rows[k] for k in keep]
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            out = model.language_model(
+                elif row.generated >= row.budget:
+                    finish = "length"
+                if piece:
+                    events.append(StreamEvent(row.key, piece))
+            if finish:
+                tail = row.detok.finish()
+                result = GenerationResult(
+                    text=row.detok.text,
+                    finish_reason=finish,  # type: ignore[arg-type]
+                    prompt_tokens=row.prompt_tokens,
+                    completion_tokens=row.generated,
+                    token_ids=list(row.detok.ids),
+                )
+                events.append(StreamEvent(row.key, tail, result))
+            else:
+                keep.append(r)
+                tokens.append(token)
+        self._keep(keep)
+        if self.rows:
+            device = self.mask.device
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+            out = self.engine.model.language_model(
                 input_ids=torch.tensor(tokens, device=device)[:, None],
-                attention_mask=mask,
-                position_ids=next_pos[:, None],
-                past_key_values=cache,
+                attention_mask=self.mask,
+                position_ids=self.next_pos[:, None],
+                past_key_values=self.cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            logits = out.logits[:, -1]
-            next_pos = next_pos + 1
-        del cache
+            self.logits = out.logits[:, -1]
+            self.next_pos = self.next_pos + 1
+        return events

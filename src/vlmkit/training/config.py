@@ -12,6 +12,8 @@ import dataclasses
 import json
 import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -200,6 +202,27 @@ def _validate_stage(stage: StageConfig, where: str) -> None:
         raise ConfigError(f"{where}.lora.r must be at least 1, got {stage.lora.r}")
 
 
+def _coerce_numbers(obj: Any, where: str) -> None:
+    """Check the plain number fields of a config object in place. YAML reads ``1e-4`` (no dot) as a string, so
+    numeric strings are converted; anything that is not a number raises ConfigError naming the key."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        hint, value = hints[f.name], getattr(obj, f.name)
+        options = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+        if value is None or not options & {int, float} or options - {int, float, type(None)}:
+            continue  # not a plain number field
+        name, want = f"{where}{f.name}", "a number" if float in options else "an integer"
+        try:
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ValueError
+            number = float(value)
+            if float not in options and not number.is_integer():
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"{name}: expected {want}, got {value!r}") from None
+        setattr(obj, f.name, number if float in options else int(number))
+
+
 def _list_of(cls: type, items: Any, where: str) -> list:
     if not isinstance(items, list):
         raise ConfigError(f"{where}: expected a list, got {type(items).__name__}")
@@ -223,7 +246,10 @@ def config_from_mapping(data: dict[str, Any]) -> TrainConfig:
         sources = raw.pop("data", [])
         stage = config_from_dict(StageConfig, raw, f"stages.{i}.")
         stage.data = _list_of(DataSource, sources, f"stages.{i}.data")
+        for obj, at in ((stage, ""), (stage.lora, "lora."), *((d, f"data.{j}.") for j, d in enumerate(stage.data))):
+            _coerce_numbers(obj, f"stages.{i}.{at}")
         config.stages.append(stage)
+    _coerce_numbers(config, "")
     config.validate()
     return config
 

@@ -181,11 +181,7 @@ class BatchPlan:
     def epoch(self, e: int) -> list[Item]:
         """The shuffled samples of epoch ``e`` of the mix."""
         if e not in self._epochs:
-            items = [
-                (i, k)
-                for i, count in enumerate(self.counts)
-                for k in self._source_items(i, e * count, count)
-            ]
+            items = [(i, k) for i, count in enumerate(self.counts) for k in self._source_items(i, e * count, count)]
             order = self._rng(1, e).permutation(len(items))
             self._epochs[e] = [items[j] for j in order]
             while len(self._epochs) > 4:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +26,22 @@ MODULE_OF = {"vision": "vision_tower", "projector": "projector", "language_model
 """Config component name → attribute of :class:`VisionLanguageModel`."""
 
 
-def build_model(
-    spec: ModelSpec, texts: Callable[[], Iterable[str]] | None = None
-) -> tuple[VisionLanguageModel, VLMProcessor]:
-    """The model and processor a spec describes (checkpoint, or parts composed with a new projector).
+def build_model(spec: ModelSpec, tokenizer: Any = None) -> tuple[VisionLanguageModel, VLMProcessor]:
+    """The model and processor a spec describes (a checkpoint, or parts composed with a new projector).
 
-    ``texts`` supplies the training texts when ``spec.train_tokenizer`` asks for a tokenizer trained on them.
+    ``tokenizer`` (an object or folder) replaces ``spec.tokenizer``, e.g. one trained for ``train_tokenizer``.
     """
     spec.validate()
     if spec.checkpoint:
         model, processor = _load_checkpoint(spec.checkpoint)
     else:
-        tokenizer: Any = spec.tokenizer
-        if spec.train_tokenizer:
-            from vlmkit.processing.tokenizer_training import train_bpe_tokenizer
-
-            if texts is None:
-                raise ConfigError("model.train_tokenizer needs training texts")
-            tokenizer = train_bpe_tokenizer(texts(), vocab_size=spec.train_tokenizer)
-            log.info("trained a byte-level BPE tokenizer of %d tokens on the training texts", len(tokenizer))
+        tokenizer = tokenizer if tokenizer is not None else spec.tokenizer
         lm = spec.lm
-        if isinstance(lm, dict) and "vocab_size" not in lm and tokenizer is not None and not isinstance(tokenizer, str):
+        if isinstance(lm, dict) and "vocab_size" not in lm and tokenizer is not None:
+            if isinstance(tokenizer, str | Path):
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
             lm = {**lm, "vocab_size": len(tokenizer)}
         model, processor = compose(
             spec.vision,  # type: ignore[arg-type]
@@ -58,9 +53,19 @@ def build_model(
             resize_mode=spec.resize_mode,
         )
     if spec.projector_checkpoint:
-        model.load_projector(spec.projector_checkpoint)  # ConfigError when dimensions differ
+        model.load_projector(spec.projector_checkpoint)  # ConfigError when the dimensions differ
         log.info("loaded the projector from %s", spec.projector_checkpoint)
     return model, processor
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, folder: str | Path) -> Path:
+    """Train a byte-level BPE chat tokenizer on ``texts`` and save it to ``folder``."""
+    from vlmkit.processing.tokenizer_training import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab_size)
+    tokenizer.save_pretrained(str(folder))
+    log.info("trained a byte-level BPE tokenizer of %d tokens on the training texts (%s)", len(tokenizer), folder)
+    return Path(folder)
 
 
 def _load_checkpoint(name: str) -> tuple[VisionLanguageModel, VLMProcessor]:
@@ -152,7 +157,7 @@ def set_gradient_checkpointing(model: VisionLanguageModel, stage: StageConfig) -
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(base.config, "use_cache"):
                 base.config.use_cache = False
-        elif base.is_gradient_checkpointing:
+        elif any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):
             base.gradient_checkpointing_disable()
 
 
@@ -191,7 +196,8 @@ def merged_view(model: VisionLanguageModel) -> VisionLanguageModel:
         return model
     tower = model.vision_tower
     if "vision" in wrapped:
-        tower = VisionTower(copy.deepcopy(wrapped["vision"]).merge_and_unload(), tower.feature_layer, tower.select_strategy)
+        merged = copy.deepcopy(wrapped["vision"]).merge_and_unload()
+        tower = VisionTower(merged, tower.feature_layer, tower.select_strategy)
     lm = model.language_model
     if "language_model" in wrapped:
         lm = copy.deepcopy(wrapped["language_model"]).merge_and_unload()

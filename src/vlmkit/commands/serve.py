@@ -1,0 +1,51 @@
+"""``vlmkit serve``: an OpenAI-compatible chat completions server."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from vlmkit.commands.common import add_model_args, load_model, positive_int
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from vlmkit.serving.server import ServerSettings, create_app
+
+    settings = ServerSettings(
+        model_name=args.model,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_body_mb=args.max_body_mb,
+        max_images_per_request=args.max_images_per_request,
+        allow_remote_images=args.allow_remote_images,
+        allowed_local_media_path=args.allowed_local_media_path,
+    )
+    vlm = load_model(args)
+    app = create_app(vlm, settings)
+    print(f"serving {args.model!r} on http://{args.host}:{args.port}/v1 (SIGTERM or Ctrl-C drains and stops)",
+          file=sys.stderr)  # fmt: skip
+    # uvicorn drains on SIGTERM, then re-raises the signal; a no-op handler turns that into a clean exit 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
+    print("server stopped", file=sys.stderr)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="serve a model behind an OpenAI-compatible API")
+    add_model_args(parser)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    parser.add_argument("--max-batch", type=positive_int, default=32, help="requests decoded together")
+    parser.add_argument("--max-queue", type=positive_int, default=256, help="waiting requests before 429")
+    parser.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (413 above)")
+    parser.add_argument("--max-images-per-request", type=positive_int, default=8)
+    parser.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    parser.add_argument("--allowed-local-media-path", help="allow file:// image URLs under this folder")
+    parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    parser.set_defaults(func=run)
