@@ -138,3 +138,20 @@ def test_cli_eval_needs_task_or_suite(capsys):
     assert "give either --task" in capsys.readouterr().err
     assert main(["eval", "--model", "tiny-random", "--task", "pope"]) == 1
     assert "needs --data" in capsys.readouterr().err
+
+
+def test_cli_eval_on_exported_files(tmp_path, capsys):
+    assert main(["data", "export-eval", "--out", str(tmp_path / "exp"), "--n", "3", "--workers", "1",
+                 "--no-progress"]) == 0  # fmt: skip
+    for task, name, metric in [("pope", "pope", "f1 (adversarial)"), ("gqa", "vqa", "accuracy"),
+                               ("grounding", "grounding", "acc@0.5"), ("caption", "caption", "cider")]:  # fmt: skip
+        out = tmp_path / task
+        argv = ["eval", "--model", "tiny-random", "--task", task, "--data", str(tmp_path / "exp" / f"{name}.jsonl"),
+                "--image-root", str(tmp_path / "exp"), "--out", str(out), "--quiet", "--max-new-tokens", "4"]  # fmt: skip
+        assert main(argv) == 0
+        assert metric in capsys.readouterr().out
+        report = json.loads((out / "report.json").read_text())
+        rows = (out / "predictions.jsonl").read_text().splitlines()
+        assert report["task"] == task and report["model"] == "tiny-random" and len(report["data_sha256"]) == 64
+        assert report["counts"]["samples"] == len(rows) > 0 and report["samples_per_s"] > 0
+        assert rows and all({"id", "prompt", "prediction", "score"} <= set(json.loads(r)) for r in rows)

@@ -126,7 +126,7 @@ def test_lora_adapter_and_merged_checkpoint_agree(assets, tmp_path):
         merged = merged_model(**inputs).logits
         base, _ = load_pretrained(assets.base)
         base_logits = base(**inputs).logits
-        load_adapter(base, adapter)  # the base model + the saved adapter
+        load_adapter(base, result.final_dir / "adapter")  # the base model + the saved adapter
         with_adapter = base.eval()(**inputs).logits
     assert (unmerged - base_logits).abs().max() > 1e-3  # LoRA learned something
     assert (merged - unmerged).abs().max() < 1e-5

@@ -3,31 +3,27 @@
 Qwen2-VL, InternVL (the ``-hf`` checkpoints), Idefics3/SmolVLM, LLaVA-NeXT, Gemma 3 and the other models behind
 transformers' ``AutoModelForImageTextToText`` load with their own processor and chat template. Images still come
 through :func:`vlmkit.processing.images.load_image` (same access policy, size limit and errors); the model's
-processor gets PIL images only, so it never reads files or URLs itself. :class:`HFEngine` has the interface of
-:class:`vlmkit.inference.engine.Engine`, so chat, streaming, batches, describe and eval work unchanged.
+processor gets PIL images only, so it never reads files or URLs itself. Generation is
+:class:`vlmkit.interop.hf_engine.HFEngine`, which has :class:`vlmkit.inference.engine.Engine`'s interface, so chat,
+streaming, batches, describe, eval and the server work unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from jinja2 import TemplateError
 from PIL import Image
-from transformers import BatchFeature, LogitsProcessor, PreTrainedModel, StoppingCriteria
+from transformers import BatchFeature, PreTrainedModel
 
 from vlmkit.errors import CheckpointError, ProcessingError
-from vlmkit.inference.detokenize import IncrementalDetokenizer
-from vlmkit.inference.engine import Conversation, StreamEvent
-from vlmkit.inference.options import GenerationOptions, GenerationResult
-from vlmkit.inference.sampling import choose_token
+from vlmkit.inference.engine import Conversation
+from vlmkit.interop.hf_engine import HFEngine
 from vlmkit.processing.chat import ROLES
 from vlmkit.processing.images import DEFAULT_MAX_PIXELS, ImageAccess, load_image
 
@@ -87,6 +83,11 @@ def load_hf_processor(name_or_path: str | Path, model_type: str) -> Any:
         raise CheckpointError(
             f"{name_or_path}: the processor has no image processor or tokenizer; a vision-language checkpoint "
             "needs both (preprocessor_config.json / processor_config.json and the tokenizer files)"
+        )
+    if not processor.chat_template:
+        raise CheckpointError(
+            f"{name_or_path}: the processor has no chat template (chat_template.jinja), so vlmkit can't turn "
+            "messages into prompts for it; use the chat/instruct version of the model"
         )
     return processor
 
@@ -184,234 +185,4 @@ class HFProcessor:
                 processor_kwargs={"padding": True, "padding_side": "left"},
             )
         except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
-            raise ProcessingError(
-                f"the model's processor could not turn the conversation(s) into inputs: {exc}"
-            ) from exc
-
-
-# -- generation -----------------------------------------------------------------------------------------------
-@dataclass
-class _Row:
-    index: int
-    options: GenerationOptions
-    prompt_tokens: int
-    budget: int
-    detok: IncrementalDetokenizer
-    generator: torch.Generator | None
-    seen: torch.Tensor | None
-    generated: int = 0
-    result: GenerationResult | None = None
-
-    @property
-    def plain(self) -> bool:
-        """Greedy with no penalty: the model's own argmax is the answer."""
-        return self.options.greedy and self.seen is None
-
-
-class _Batch(StoppingCriteria):
-    """Per-row bookkeeping, called by ``model.generate`` after every step with the new tokens.
-
-    Each new token goes to its row's detokenizer; a row finishes on a stop token, a stop string or its budget, and
-    text pieces and results go to ``emit``. Returns which rows are done; ``cancel()`` ends every row.
-    """
-
-    def __init__(self, rows: list[_Row], stop_ids: set[int], emit: Callable[[StreamEvent], None]) -> None:
-        self.rows = rows
-        self.stop_ids = stop_ids
-        self.emit = emit
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def _finish(self, row: _Row, reason: str) -> None:
-        tail = row.detok.finish()
-        row.result = GenerationResult(
-            text=row.detok.text,
-            finish_reason=reason,  # type: ignore[arg-type]
-            prompt_tokens=row.prompt_tokens,
-            completion_tokens=row.generated,
-            token_ids=list(row.detok.ids),
-        )
-        self.emit(StreamEvent(row.index, tail, row.result))
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        for row, token in zip(self.rows, input_ids[:, -1].tolist(), strict=True):
-            if row.result is not None or self.cancelled:
-                continue
-            row.generated += 1
-            if token in self.stop_ids:
-                self._finish(row, "stop")
-                continue
-            if row.seen is not None:
-                row.seen[token] = True
-            piece = row.detok.add(token)
-            if piece:
-                self.emit(StreamEvent(row.index, piece))
-            if row.detok.stopped:
-                self._finish(row, "stop")
-            elif row.generated >= row.budget:
-                self._finish(row, "length")
-        done = [self.cancelled or row.result is not None for row in self.rows]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-class _ChooseTokens(LogitsProcessor):
-    """Sampling and repetition penalty with vlmkit's own rules, per row (own options, own seeded generator).
-
-    ``generate`` runs greedily; for a row that samples or penalises, every logit but the chosen token's is
-    masked, so the argmax picks it. Plain greedy rows are left to the model's argmax untouched.
-    """
-
-    def __init__(self, rows: list[_Row]) -> None:
-        self.rows = rows
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for r, row in enumerate(self.rows):
-            if row.result is None and not row.plain:
-                token = choose_token(scores[r].cpu(), row.options, row.seen, row.generator)
-                scores[r].fill_(float("-inf"))
-                scores[r, token] = 0.0
-        return scores
-
-
-def _token_ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
-
-
-class HFEngine:
-    """Batched generation for a transformers VLM, with :class:`vlmkit.inference.engine.Engine`'s interface.
-
-    Generation is the model's own ``generate()`` (models such as Qwen2-VL need their own position scheme), with
-    vlmkit's options, stop strings, streaming and results layered on through a logits processor and a stopping
-    criterion. Checkpoint sampling defaults (``generation_config.json``) are not used: vlmkit's options decide.
-    """
-
-    def __init__(self, model: PreTrainedModel, processor: HFProcessor) -> None:
-        self.model = model.eval()
-        self.processor = processor
-        text_config = model.config.get_text_config(decoder=True)
-        self.context_length: int = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 30)
-        head = model.get_output_embeddings()
-        self.vocab_size: int = head.weight.shape[0] if head is not None else int(text_config.vocab_size)
-        tokenizer = processor.tokenizer
-        self.stop_ids = set(_token_ids(model.generation_config.eos_token_id)) | set(_token_ids(tokenizer.eos_token_id))
-        pad = model.generation_config.pad_token_id
-        pad = pad if pad is not None else tokenizer.pad_token_id
-        self.pad_token_id: int | None = pad if pad is not None else min(self.stop_ids, default=None)
-        placeholders = [
-            getattr(model.config, "image_token_id", None),
-            getattr(processor.processor, "image_token_id", None),
-        ]
-        self.placeholder_ids = {int(t) for t in placeholders if isinstance(t, int)}
-
-    # -- preparation -----------------------------------------------------------------------------------------
-    def _rows(self, batch: BatchFeature, options: list[GenerationOptions]) -> list[_Row]:
-        rows = []
-        for index, (ids, mask, opts) in enumerate(
-            zip(batch["input_ids"], batch["attention_mask"], options, strict=True)
-        ):
-            prompt = ids[mask.bool()]
-            n = len(prompt)
-            if n >= self.context_length:
-                raise ProcessingError(
-                    f"conversation {index}: the prompt has {n} tokens (images included) but the model's context is "
-                    f"{self.context_length} tokens; shorten the conversation or use fewer or smaller images"
-                )
-            generator = None
-            if not opts.greedy:
-                generator = torch.Generator()
-                generator.manual_seed(opts.seed if opts.seed is not None else int(torch.randint(0, 2**62, ())))
-            seen = None
-            if opts.repetition_penalty != 1.0:
-                seen = torch.zeros(self.vocab_size, dtype=torch.bool)
-                kept = [t for t in prompt.tolist() if t not in self.placeholder_ids and 0 <= t < self.vocab_size]
-                seen[torch.tensor(kept, dtype=torch.long)] = True
-            rows.append(
-                _Row(
-                    index=index,
-                    options=opts,
-                    prompt_tokens=n,
-                    budget=min(opts.max_new_tokens, self.context_length - n),
-                    detok=IncrementalDetokenizer(self.processor.tokenizer, opts.stop),
-                    generator=generator,
-                    seen=seen,
-                )
-            )
-        return rows
-
-    def _prepare(
-        self, conversations: Sequence[Conversation], options: GenerationOptions | Sequence[GenerationOptions]
-    ) -> tuple[BatchFeature, list[_Row]]:
-        if isinstance(options, GenerationOptions):
-            options = [options] * len(conversations)
-        if len(options) != len(conversations):
-            raise ProcessingError(f"{len(conversations)} conversations but {len(options)} option sets")
-        normalised = [self.processor.conversation(c, name=f"conversation {i}") for i, c in enumerate(conversations)]
-        batch = self.processor.prepare(normalised)
-        return batch, self._rows(batch, list(options))
-
-    # -- generation ------------------------------------------------------------------------------------------
-    def _run(self, batch: BatchFeature, rows: list[_Row], tracker: _Batch) -> None:
-        model = self.model
-        inputs = batch.to(device=model.device, dtype=model.dtype)  # dtype applies to float tensors only
-        extra = {"pad_token_id": self.pad_token_id} if self.pad_token_id is not None else {}
-        with torch.inference_mode():
-            model.generate(
-                **inputs,
-                **extra,
-                do_sample=False,  # sampling, when asked for, is _ChooseTokens' job
-                num_beams=1,
-                repetition_penalty=1.0,
-                max_new_tokens=max(row.budget for row in rows),
-                logits_processor=[_ChooseTokens(rows)],
-                stopping_criteria=[tracker],
-            )
-
-    def generate(
-        self, conversations: Sequence[Conversation], options: GenerationOptions | Sequence[GenerationOptions]
-    ) -> list[GenerationResult]:
-        """Generate one answer per conversation, all in one batch."""
-        if not conversations:
-            return []
-        batch, rows = self._prepare(conversations, options)
-        self._run(batch, rows, _Batch(rows, self.stop_ids, lambda event: None))
-        return [row.result for row in rows]  # type: ignore[misc]
-
-    def stream_batch(
-        self, conversations: Sequence[Conversation], options: GenerationOptions | Sequence[GenerationOptions]
-    ) -> Iterator[StreamEvent]:
-        """Generate for a batch, yielding text pieces as they are decoded (any order across requests).
-
-        ``generate()`` runs in a worker thread that hands events over a queue; closing the iterator early stops
-        generation after the current step and joins the thread.
-        """
-        if not conversations:
-            return
-        batch, rows = self._prepare(conversations, options)
-        events: queue.Queue[Any] = queue.Queue()
-        tracker = _Batch(rows, self.stop_ids, events.put)
-        end = object()
-
-        def work() -> None:
-            try:
-                self._run(batch, rows, tracker)
-            except BaseException as exc:  # handed to the consuming thread, which raises it
-                events.put(exc)
-            finally:
-                events.put(end)
-
-        worker = threading.Thread(target=work, name="vlmkit-hf-generate", daemon=True)
-        worker.start()
-        try:
-            while (item := events.get()) is not end:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            tracker.cancel()
-            worker.join()
+            raise ProcessingError(f"the model's processor could not turn the conversations into inputs: {exc}") from exc

@@ -153,12 +153,13 @@ def set_gradient_checkpointing(model: VisionLanguageModel, stage: StageConfig) -
             if on:
                 log.warning("%s does not support gradient checkpointing", type(base).__name__)
             continue
-        if on:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(base.config, "use_cache"):
-                base.config.use_cache = False
+        kwargs = {"use_reentrant": False}
+        if on and hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif on:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         elif any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):
-            base.gradient_checkpointing_disable()
+            getattr(base, "activation_checkpointing_disable", base.gradient_checkpointing_disable)()
 
 
 def param_groups(model: VisionLanguageModel, stage: StageConfig) -> list[dict[str, Any]]:

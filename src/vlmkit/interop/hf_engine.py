@@ -1,0 +1,403 @@
+"""Generation for transformers VLMs with the interface of vlmkit's :class:`~vlmkit.inference.engine.Engine`.
+
+Tokens come from the model's own ``generate()`` (models such as Qwen2-VL have their own position schemes, so the
+decoding loop is theirs). vlmkit's options, stop strings, streaming and results are layered on through a logits
+processor (sampling, per row) and a stopping criterion (detokenising, stopping, emitting text, per row).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import (
+    BatchFeature,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from vlmkit.errors import ProcessingError
+from vlmkit.inference.detokenize import IncrementalDetokenizer
+from vlmkit.inference.engine import Conversation, StreamEvent
+from vlmkit.inference.options import GenerationOptions, GenerationResult
+from vlmkit.inference.sampling import choose_token
+
+if TYPE_CHECKING:
+    from vlmkit.interop.hf_backend import HFProcessor
+
+_END = object()
+
+
+@dataclass
+class HFEncoded:
+    """A checked conversation, ready to batch: its messages (images loaded) and its prompt as the model sees it.
+
+    ``image_token_counts`` has the image placeholder tokens of each contiguous run: one run per image for most
+    models (tiling models such as Idefics3 have several); their sum is the prompt's image tokens.
+    """
+
+    conversation: list[dict[str, Any]]
+    input_ids: list[int]
+    image_token_counts: list[int]
+
+
+@dataclass
+class _Row:
+    index: Hashable
+    options: GenerationOptions
+    prompt_tokens: int
+    budget: int
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    seen: torch.Tensor | None
+    generated: int = 0
+    result: GenerationResult | None = None
+    cancelled: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.cancelled or self.result is not None
+
+    @property
+    def plain(self) -> bool:
+        """Greedy with no penalty: the model's own argmax is the answer."""
+        return self.options.greedy and self.seen is None
+
+
+class _Rows(StoppingCriteria):
+    """Per-row bookkeeping, called by ``generate`` after every step with the new tokens.
+
+    Each new token goes to its row's detokenizer; a row finishes on a stop token, a stop string or its budget, and
+    its text pieces and result go to ``emit``. Returns which rows are done; cancelled rows are done and silent.
+    """
+
+    def __init__(self, rows: list[_Row], stop_ids: set[int], emit: Callable[[StreamEvent], None]) -> None:
+        self.rows = rows
+        self.stop_ids = stop_ids
+        self.emit = emit
+
+    def cancel(self, keys: set[Hashable] | None = None) -> None:
+        """Stop rows (all rows when ``keys`` is None) at the next step, without a result."""
+        for row in self.rows:
+            if keys is None or row.index in keys:
+                row.cancelled = True
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        tail = row.detok.finish()
+        row.result = GenerationResult(
+            text=row.detok.text,
+            finish_reason=reason,  # type: ignore[arg-type]
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.generated,
+            token_ids=list(row.detok.ids),
+        )
+        self.emit(StreamEvent(row.index, tail, row.result))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        for row, token in zip(self.rows, input_ids[:, -1].tolist(), strict=True):
+            if row.done:
+                continue
+            row.generated += 1
+            if token in self.stop_ids:
+                self._finish(row, "stop")
+                continue
+            if row.seen is not None:
+                row.seen[token] = True
+            piece = row.detok.add(token)
+            if piece:
+                self.emit(StreamEvent(row.index, piece))
+            if row.detok.stopped:
+                self._finish(row, "stop")
+            elif row.generated >= row.budget:
+                self._finish(row, "length")
+        return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
+
+
+class _ChooseTokens(LogitsProcessor):
+    """Sampling and repetition penalty by vlmkit's own rules, per row (own options, own seeded generator).
+
+    ``generate`` runs greedily; for a row that samples or penalises, every logit but the chosen token's is
+    masked, so the argmax picks it. Plain greedy rows keep the model's logits untouched.
+    """
+
+    def __init__(self, rows: list[_Row]) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for r, row in enumerate(self.rows):
+            if not row.done and not row.plain:
+                token = choose_token(scores[r].cpu(), row.options, row.seen, row.generator)
+                scores[r].fill_(float("-inf"))
+                scores[r, token] = 0.0
+        return scores
+
+
+class _Generation:
+    """One ``model.generate`` call over a fixed set of rows, run in the calling thread or in a worker thread."""
+
+    def __init__(self, engine: HFEngine, inputs: BatchFeature, rows: list[_Row]) -> None:
+        self.engine = engine
+        self.inputs = inputs
+        self.rows = rows
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.tracker = _Rows(rows, engine.stop_ids, self.queue.put)
+        self.thread: threading.Thread | None = None
+        self.finished = False
+
+    def run(self) -> None:
+        """Generate in this thread (events pile up in ``queue``; results are on the rows)."""
+        model = self.engine.model
+        inputs = self.inputs.to(device=model.device, dtype=model.dtype)  # the dtype applies to float tensors only
+        pad = self.engine.pad_token_id
+        with torch.inference_mode():
+            model.generate(
+                **inputs,
+                **({"pad_token_id": pad} if pad is not None else {}),
+                do_sample=False,  # sampling, when asked for, is _ChooseTokens' job
+                num_beams=1,
+                repetition_penalty=1.0,
+                max_new_tokens=max(row.budget for row in self.rows),
+                logits_processor=LogitsProcessorList([_ChooseTokens(self.rows)]),
+                stopping_criteria=StoppingCriteriaList([self.tracker]),
+            )
+
+    def start(self) -> None:
+        """Generate in a worker thread; its events (and an error, if any) come out of :meth:`events`."""
+
+        def work() -> None:
+            try:
+                self.run()
+            except BaseException as exc:  # handed to the consuming thread, which raises it
+                self.queue.put(exc)
+            finally:
+                self.queue.put(_END)
+
+        self.thread = threading.Thread(target=work, name="vlmkit-hf-generate", daemon=True)
+        self.thread.start()
+
+    def events(self) -> list[StreamEvent]:
+        """Wait for the next events (none once generation has ended, then ``finished`` is set)."""
+        items = [self.queue.get()]
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        events = []
+        for item in items:
+            if item is _END:
+                self.finished = True
+                self.close()
+            elif isinstance(item, BaseException):
+                self.finished = True
+                self.close()
+                raise item
+            else:
+                events.append(item)
+        return events
+
+    def close(self) -> None:
+        """Stop generating after the current step and wait for the worker thread."""
+        self.tracker.cancel()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+
+
+def _token_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else [int(v) for v in value]
+
+
+def _runs(ids: list[int], placeholders: set[int]) -> list[int]:
+    counts: list[int] = []
+    previous = False
+    for token in ids:
+        inside = token in placeholders
+        if inside:
+            if previous:
+                counts[-1] += 1
+            else:
+                counts.append(1)
+        previous = inside
+    return counts
+
+
+Item = tuple[Hashable, Conversation | HFEncoded, GenerationOptions]
+
+
+class HFEngine:
+    """Batched generation for a transformers VLM and its :class:`~vlmkit.interop.hf_backend.HFProcessor`.
+
+    The checkpoint's sampling defaults (``generation_config.json``) are not used: vlmkit's options decide, with
+    vlmkit's sampling rules (so a seeded request gives the same tokens alone or in any batch).
+    """
+
+    def __init__(self, model: PreTrainedModel, processor: HFProcessor) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        text_config = model.config.get_text_config(decoder=True)
+        self.context_length: int = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 30)
+        head = model.get_output_embeddings()
+        self.vocab_size: int = head.weight.shape[0] if head is not None else int(text_config.vocab_size)
+        tokenizer = processor.tokenizer
+        self.stop_ids = set(_token_ids(model.generation_config.eos_token_id) + _token_ids(tokenizer.eos_token_id))
+        pad = model.generation_config.pad_token_id
+        pad = pad if pad is not None else tokenizer.pad_token_id
+        self.pad_token_id: int | None = pad if pad is not None else min(self.stop_ids, default=None)
+        # image placeholders are not text the repetition penalty has "seen"
+        placeholders = [getattr(source, "image_token_id", None) for source in (model.config, processor.processor)]
+        self.placeholder_ids = {t for t in placeholders if isinstance(t, int)}
+
+    # -- preparation -----------------------------------------------------------------------------------------
+    def _check_length(self, tokens: int, name: str) -> None:
+        if tokens >= self.context_length:
+            raise ProcessingError(
+                f"{name}: the prompt has {tokens} tokens (images included) but the model's context is "
+                f"{self.context_length} tokens; shorten the conversation or use fewer or smaller images"
+            )
+
+    def encode(self, conversation: Conversation, name: str = "request") -> HFEncoded:
+        """Check a conversation (images, template, context length) and keep it ready for a batch."""
+        messages = self.processor.conversation(conversation, name=name)
+        batch = self.processor.prepare([messages])
+        ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+        self._check_length(len(ids), name)
+        return HFEncoded(messages, ids, _runs(ids, self.placeholder_ids))
+
+    def _new_row(self, key: Hashable, prompt: list[int], options: GenerationOptions) -> _Row:
+        n = len(prompt)
+        self._check_length(n, f"conversation {key}")
+        generator = None
+        if not options.greedy:
+            generator = torch.Generator()
+            generator.manual_seed(options.seed if options.seed is not None else int(torch.randint(0, 2**62, ())))
+        seen = None
+        if options.repetition_penalty != 1.0:
+            seen = torch.zeros(self.vocab_size, dtype=torch.bool)
+            kept = [t for t in prompt if t not in self.placeholder_ids and 0 <= t < self.vocab_size]
+            seen[torch.tensor(kept, dtype=torch.long)] = True
+        return _Row(
+            index=key,
+            options=options,
+            prompt_tokens=n,
+            budget=min(options.max_new_tokens, self.context_length - n),
+            detok=IncrementalDetokenizer(self.processor.tokenizer, options.stop),
+            generator=generator,
+            seen=seen,
+        )
+
+    def _generation(self, items: Sequence[Item]) -> _Generation:
+        messages = [
+            c.conversation if isinstance(c, HFEncoded) else self.processor.conversation(c, name=f"conversation {k}")
+            for k, c, _ in items
+        ]
+        batch = self.processor.prepare(messages)
+        masks = batch["attention_mask"].bool()
+        prompts = [ids[mask].tolist() for ids, mask in zip(batch["input_ids"], masks, strict=True)]
+        rows = [self._new_row(key, prompt, opts) for (key, _, opts), prompt in zip(items, prompts, strict=True)]
+        return _Generation(self, batch, rows)
+
+    @staticmethod
+    def _items(
+        conversations: Sequence[Conversation | HFEncoded], options: GenerationOptions | Sequence[GenerationOptions]
+    ) -> list[Item]:
+        if isinstance(options, GenerationOptions):
+            options = [options] * len(conversations)
+        if len(options) != len(conversations):
+            raise ProcessingError(f"{len(conversations)} conversations but {len(options)} sets of options")
+        return list(zip(range(len(conversations)), conversations, options, strict=True))
+
+    # -- generation ------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        conversations: Sequence[Conversation | HFEncoded],
+        options: GenerationOptions | Sequence[GenerationOptions],
+    ) -> list[GenerationResult]:
+        """Generate one answer per conversation, all in one batch."""
+        if not conversations:
+            return []
+        generation = self._generation(self._items(conversations, options))
+        generation.run()
+        return [row.result for row in generation.rows]  # type: ignore[misc]
+
+    def stream_batch(
+        self,
+        conversations: Sequence[Conversation | HFEncoded],
+        options: GenerationOptions | Sequence[GenerationOptions],
+    ) -> Iterator[StreamEvent]:
+        """Generate for a batch, yielding text pieces as they are decoded (any order across requests).
+
+        ``generate()`` runs in a worker thread that hands events over a queue; closing the iterator early stops
+        generation after the current step and joins the thread.
+        """
+        if not conversations:
+            return
+        generation = self._generation(self._items(conversations, options))
+        generation.start()
+        try:
+            while not generation.finished:
+                yield from generation.events()
+        finally:
+            generation.close()
+
+    def new_batch(self) -> HFDecodeBatch:
+        """A running batch with the interface of :meth:`Engine.new_batch` (used by the server's scheduler)."""
+        return HFDecodeBatch(self)
+
+
+class HFDecodeBatch:
+    """:class:`~vlmkit.inference.engine.DecodeBatch`'s interface (add, step, cancel) over ``generate`` calls.
+
+    ``generate`` can't take rows while it runs, so requests added meanwhile wait and start together as the next
+    batch once it ends; :meth:`step` blocks until the running batch has new text.
+    """
+
+    def __init__(self, engine: HFEngine) -> None:
+        self.engine = engine
+        self._waiting: list[Item] = []
+        self._live: set[Hashable] = set()
+        self._generation: _Generation | None = None
+
+    def __len__(self) -> int:
+        return len(self._waiting) + len(self._live)
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return [key for key, _, _ in self._waiting] + list(self._live)
+
+    def _begin(self, items: list[Item]) -> None:
+        generation = self.engine._generation(items)
+        generation.start()
+        self._generation, self._live = generation, {key for key, _, _ in items}
+
+    def add(self, items: Sequence[Item]) -> None:
+        """Queue ``(key, encoded prompt, options)`` items; they start now if nothing is running."""
+        if self._generation is None and not self._waiting:
+            self._begin(list(items))  # a bad batch fails here, for exactly these items
+        else:
+            self._waiting.extend(items)
+
+    def cancel(self, keys: set[Hashable]) -> None:
+        """Drop requests without emitting anything for them."""
+        self._waiting = [item for item in self._waiting if item[0] not in keys]
+        if self._generation is not None:
+            self._generation.tracker.cancel(keys & self._live)
+        self._live -= keys
+
+    def step(self) -> list[StreamEvent]:
+        """The running batch's next text pieces and results; starts the waiting requests once it has ended."""
+        events: list[StreamEvent] = []
+        if self._generation is not None and not self._generation.finished:
+            events = [e for e in self._generation.events() if e.index in self._live]
+            self._live -= {e.index for e in events if e.result is not None}
+        if self._generation is not None and self._generation.finished:
+            self._generation, self._live = None, set()
+        if self._generation is None and self._waiting:
+            self._begin(self._waiting)
+            self._waiting = []
+        return events
