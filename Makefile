@@ -19,11 +19,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m vlmkit demo
 
+# Two pytest workers on two cores: one torch thread each (two threads per worker would oversubscribe the CPU).
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
 test: $(STAMP)
-	$(PY) -m pytest -n 2 tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 -m "not slow" tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 -m "not slow" tests
 
 bench: $(STAMP)
 	@for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -393,3 +393,36 @@ def test_closing_a_stream_early_stops_the_worker(qwen, images):
     stream.close()
     assert not [t for t in threading.enumerate() if t.name == "vlmkit-hf-generate"]
     assert isinstance(qwen.engine, HFEngine)
+
+
+def test_server_interface_encode_and_running_batch(qwen, images):
+    engine = qwen.engine
+    conversations = [
+        [turn("Describe the image.", str(images / "img0.png"))],
+        [{"role": "user", "content": "hi"}],
+        [turn("What colour?", str(images / "img1.png"), str(images / "img2.png"))],
+    ]
+    encoded = [engine.encode(c) for c in conversations]
+    assert len(encoded[0].image_token_counts) == 1 and len(encoded[2].image_token_counts) == 2
+    assert encoded[1].image_token_counts == []
+    options = GenerationOptions(max_new_tokens=6)
+    alone = [engine.generate([c], options)[0] for c in conversations]
+    assert [len(e.input_ids) for e in encoded] == [r.prompt_tokens for r in alone]
+
+    batch = engine.new_batch()
+    batch.add([("a", encoded[0], options), ("b", encoded[1], options)])
+    texts: dict[str, str] = {"a": "", "b": "", "c": ""}
+    results = {}
+    steps = 0
+    while batch:
+        for event in batch.step():
+            texts[event.index] += event.text
+            if event.result is not None:
+                results[event.index] = event.result
+        steps += 1
+        if steps == 1:
+            batch.add([("c", encoded[2], options)])  # waits for the running batch, then starts
+            batch.cancel({"b"})
+    assert set(results) == {"a", "c"}
+    assert results["a"].token_ids == alone[0].token_ids and results["c"].token_ids == alone[2].token_ids
+    assert texts["a"] == results["a"].text and texts["c"] == results["c"].text

@@ -249,9 +249,11 @@ class HFEngine:
         pad = model.generation_config.pad_token_id
         pad = pad if pad is not None else tokenizer.pad_token_id
         self.pad_token_id: int | None = pad if pad is not None else min(self.stop_ids, default=None)
-        # image placeholders are not text the repetition penalty has "seen"
-        placeholders = [getattr(source, "image_token_id", None) for source in (model.config, processor.processor)]
-        self.placeholder_ids = {t for t in placeholders if isinstance(t, int)}
+        # the image placeholder (counted as image tokens; not text the repetition penalty has "seen")
+        placeholder = getattr(model.config, "image_token_id", None)
+        if not isinstance(placeholder, int):
+            placeholder = getattr(processor.processor, "image_token_id", None)
+        self.placeholder_ids = {placeholder} if isinstance(placeholder, int) else set()
 
     # -- preparation -----------------------------------------------------------------------------------------
     def _check_length(self, tokens: int, name: str) -> None:
