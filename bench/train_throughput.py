@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -68,17 +69,19 @@ def llava_step(llava, batch: dict) -> Callable[[], float]:
     return step
 
 
-def timed(step: Callable[[], float], optimizer: torch.optim.Optimizer, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        step()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+def timed_interleaved(sides: dict[str, tuple[Callable[[], float], torch.optim.Optimizer]], steps: int) -> dict:
+    """Median seconds of a full training step (forward, backward, AdamW) per side, the sides taking turns step by
+    step so that load from other processes hits both alike; 2 warm-up steps each."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for i in range(steps + 2):
+        for name, (step, optimizer) in sides.items():
+            start = time.perf_counter()
+            step()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def padding_report(lengths: list[int], batch_size: int, steps: int) -> dict[str, float]:
@@ -95,7 +98,7 @@ def padding_report(lengths: list[int], batch_size: int, steps: int) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side (after 2 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per side (after 2 warm-up steps each)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--padding-samples", type=int, default=2048, help="ShapesWorld samples for the padding figures")
     parser.add_argument("--model", default=None, help="a vlmkit checkpoint (default: a random SigLIP + Llama)")
@@ -125,15 +128,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, width = batch["input_ids"].shape
     real_tokens = int(batch["attention_mask"].sum())
-    results = {}
-    for name, step, optimizer in (("vlmkit", ours, opt_ours), ("transformers_llava", theirs, opt_theirs)):
-        seconds = timed(step, optimizer, args.steps)
-        results[name] = {
-            "samples_per_s": round(rows * args.steps / seconds, 2),
-            "tokens_per_s": round(real_tokens * args.steps / seconds, 1),
-            "step_s": round(seconds / args.steps, 4),
+    medians = timed_interleaved({"vlmkit": (ours, opt_ours), "transformers_llava": (theirs, opt_theirs)}, args.steps)
+    results = {
+        name: {
+            "samples_per_s": round(rows / seconds, 2),
+            "tokens_per_s": round(real_tokens / seconds, 1),
+            "median_step_s": round(seconds, 4),
         }
-    ratio = results["vlmkit"]["samples_per_s"] / results["transformers_llava"]["samples_per_s"]
+        for name, seconds in medians.items()
+    }
+    ratio = medians["transformers_llava"] / medians["vlmkit"]
 
     pad_samples = shapes_samples(processor, args.padding_samples, seed=1)
     steps = args.padding_samples // args.batch_size
@@ -146,13 +150,20 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model or "random SigLIP 128px/64 tokens + Llama 4x256 (bench/common.py)",
         "stage": "instruct (vision frozen; projector + LM trained; AdamW)",
         "batch": {"rows": rows, "width": width, "real_tokens": real_tokens},
-        "loss_check": {"vlmkit": loss_ours, "transformers_llava": loss_theirs, "abs_diff": abs(loss_ours - loss_theirs)},
+        "loss_check": {
+            "vlmkit": loss_ours,
+            "transformers_llava": loss_theirs,
+            "abs_diff": abs(loss_ours - loss_theirs),
+        },
         **results,
         "ratio_samples_per_s": round(ratio, 3),
         "padding_fraction": {
             "samples": args.padding_samples,
             "batch_size": args.batch_size,
-            **{k: round(v, 4) for k, v in padding_report([s.length for s in pad_samples], args.batch_size, steps).items()},
+            **{
+                k: round(v, 4)
+                for k, v in padding_report([s.length for s in pad_samples], args.batch_size, steps).items()
+            },
         },
     }
     print(json.dumps(report, indent=2))

@@ -6,7 +6,6 @@ family's real chat template; vlmkit's outputs are compared with a direct transfo
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import pytest
@@ -32,12 +31,13 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.utils import is_torchvision_available
 
+import vlmkit
 from conftest import CORPUS
 from vlmkit.api import VLM
 from vlmkit.errors import ImageError, ProcessingError
 from vlmkit.inference.describe import describe
 from vlmkit.inference.options import GenerationOptions
-from vlmkit.interop.hf_backend import HFEngine, _images_only, is_transformers_vlm, load_transformers_vlm
+from vlmkit.interop.hf_backend import HFEngine, _images_only, is_transformers_vlm
 from vlmkit.processing.tokenizer_training import train_bpe_tokenizer
 
 QWEN2_VL_TEMPLATE = (
@@ -189,14 +189,9 @@ def folders(tmp_path_factory):
 
 
 def load_vlm(folder) -> VLM:
-    """``vlmkit.load(folder)`` once api.py routes transformers VLMs here; until then the same parts by hand."""
-    if "engine" in inspect.signature(VLM.__init__).parameters:
-        import vlmkit
-
-        return vlmkit.load(str(folder), device="cpu", dtype="fp32")
-    model, processor, engine = load_transformers_vlm(folder, "cpu", torch.float32)
-    vlm = VLM.__new__(VLM)
-    vlm.model, vlm.processor, vlm.name, vlm.engine = model, processor, str(folder), engine
+    """Through ``vlmkit.load``, as a user would: the folder is recognised as a transformers VLM."""
+    vlm = vlmkit.load(str(folder), device="cpu", dtype="fp32")
+    assert type(vlm.engine).__name__ == "HFEngine"
     return vlm
 
 
@@ -426,3 +421,11 @@ def test_server_interface_encode_and_running_batch(qwen, images):
     assert set(results) == {"a", "c"}
     assert results["a"].token_ids == alone[0].token_ids and results["c"].token_ids == alone[2].token_ids
     assert texts["a"] == results["a"].text and texts["c"] == results["c"].text
+
+
+def test_template_errors_are_processing_errors(folders):
+    gemma = load_vlm(folders / "gemma3")
+    with pytest.raises(ProcessingError, match="roles must alternate"):
+        gemma.chat([{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}])
+    system = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hi"}]
+    assert gemma.generate_batch([system], max_new_tokens=3)[0].completion_tokens >= 1

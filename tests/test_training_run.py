@@ -210,7 +210,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(assets, tmp_path):
     while time.time() < deadline and len(step_records(read_metrics(metrics))) < 2:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "stopped by SIGTERM" in err and "--resume" in err
     [last] = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")

@@ -52,7 +52,9 @@ def make_assets(root: Path, n: int = 24) -> Assets:
             writer.write(Record(f"pair-{i}", messages, [_png((200, 30, 30)), _png((30, 30, 200 * (i % 2)))]))
     with open_writer(root / "empty", "jsonl", "train"):
         pass
-    return Assets(base, root / "captions" / "train.jsonl", root / "mixed" / "train.jsonl", root / "empty" / "train.jsonl")
+    return Assets(
+        base, root / "captions" / "train.jsonl", root / "mixed" / "train.jsonl", root / "empty" / "train.jsonl"
+    )
 
 
 def run_config(assets: Assets, out: Path, *stages: dict[str, Any], **run: Any) -> dict[str, Any]:

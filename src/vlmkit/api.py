@@ -82,9 +82,10 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return DTYPES[dtype]
 
 
-def _load_parts(name: str) -> tuple[VisionLanguageModel, VLMProcessor]:
+def _load_parts(name: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    """``(model, processor, engine)``; the engine is None except for models that bring their own."""
     if name in BUILTIN_MODELS:
-        return BUILTIN_MODELS[name]()
+        return (*BUILTIN_MODELS[name](), None)
     path = Path(name).expanduser()
     if not path.exists():
         if name.count("/") != 1 or name.startswith((".", "/", "~")):
@@ -100,21 +101,25 @@ def _load_parts(name: str) -> tuple[VisionLanguageModel, VLMProcessor]:
             raise CheckpointError(f"model {name!r}: not a local folder and the hub download failed ({exc})") from exc
     if not (path / "config.json").is_file():
         raise CheckpointError(f"model folder {path} has no config.json")
+    from vlmkit.interop.hf_backend import is_transformers_vlm, load_transformers_vlm
     from vlmkit.interop.hf_llava import is_hf_llava, load_hf_llava
 
     if is_hf_llava(path):
-        return load_hf_llava(path)
-    return load_pretrained(path)
+        return (*load_hf_llava(path), None)
+    if is_transformers_vlm(path):
+        return load_transformers_vlm(path, device, dtype)
+    return (*load_pretrained(path), None)
 
 
 class VLM:
     """A loaded model with its processor and engine: the object the API, CLI and server all use."""
 
-    def __init__(self, model: VisionLanguageModel, processor: VLMProcessor, name: str = "") -> None:
+    def __init__(self, model: Any, processor: Any, name: str = "", engine: Any = None) -> None:
+        """``model`` and ``processor`` are vlmkit's own unless ``engine`` (e.g. an ``HFEngine``) runs them."""
         self.model = model
         self.processor = processor
         self.name = name
-        self.engine = Engine(model, processor)
+        self.engine = engine if engine is not None else Engine(model, processor)
 
     @property
     def notice(self) -> str | None:
@@ -160,7 +165,9 @@ def load(
     ``allow_remote_images=True``.
     """
     target = resolve_device(device)
-    vlm_model, processor = _load_parts(str(model))
-    vlm_model.to(device=target, dtype=resolve_dtype(dtype, target)).eval()
+    torch_dtype = resolve_dtype(dtype, target)
+    vlm_model, processor, engine = _load_parts(str(model), target, torch_dtype)
+    if engine is None:  # transformers VLMs are loaded on the device, in the dtype
+        vlm_model.to(device=target, dtype=torch_dtype).eval()
     processor.image_access = ImageAccess(allow_remote=allow_remote_images)
-    return VLM(vlm_model, processor, name=str(model))
+    return VLM(vlm_model, processor, name=str(model), engine=engine)

@@ -30,8 +30,8 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 def choose_token(
     logits: torch.Tensor, options: GenerationOptions, seen: torch.Tensor | None, generator: torch.Generator | None
 ) -> int:
-    """Pick the next token for one row from its ``(vocab,)`` logits."""
-    logits = logits.float()
+    """Pick the next token for one row from its ``(vocab,)`` logits (sampled on the CPU, like its generator)."""
+    logits = logits.float().cpu()
     if options.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits.clone(), seen, options.repetition_penalty)
     if options.greedy:

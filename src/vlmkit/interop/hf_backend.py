@@ -74,6 +74,7 @@ def load_hf_processor(name_or_path: str | Path, model_type: str) -> Any:
         if not (isinstance(cls, type) and issubclass(cls, ProcessorMixin)):
             cls = None
         elif any("video" in name for name in cls.get_attributes()):
+            log.info("torchvision is not installed: loading %s without its video processor", cls.__name__)
             cls = _images_only(cls)
     try:
         processor = (cls or AutoProcessor).from_pretrained(str(name_or_path))
@@ -100,7 +101,7 @@ def load_transformers_vlm(
 
     try:
         config = AutoConfig.from_pretrained(str(name_or_path))
-        model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), config=config, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(
             f"{name_or_path}: cannot load it as a transformers vision-language model ({exc})"

@@ -147,12 +147,12 @@ class _Generation:
         self.inputs = inputs
         self.rows = rows
         self.queue: queue.Queue[Any] = queue.Queue()
-        self.tracker = _Rows(rows, engine.stop_ids, self.queue.put)
+        self.tracker = _Rows(rows, engine.stop_ids, lambda event: None)
         self.thread: threading.Thread | None = None
         self.finished = False
 
     def run(self) -> None:
-        """Generate in this thread (events pile up in ``queue``; results are on the rows)."""
+        """Generate in this thread; the results are on the rows."""
         model = self.engine.model
         inputs = self.inputs.to(device=model.device, dtype=model.dtype)  # the dtype applies to float tensors only
         pad = self.engine.pad_token_id
@@ -179,6 +179,7 @@ class _Generation:
             finally:
                 self.queue.put(_END)
 
+        self.tracker.emit = self.queue.put
         self.thread = threading.Thread(target=work, name="vlmkit-hf-generate", daemon=True)
         self.thread.start()
 
@@ -214,6 +215,7 @@ def _token_ids(value: Any) -> list[int]:
 
 
 def _runs(ids: list[int], placeholders: set[int]) -> list[int]:
+    """Lengths of the contiguous runs of placeholder tokens in ``ids``."""
     counts: list[int] = []
     previous = False
     for token in ids:

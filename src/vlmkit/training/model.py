@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,12 +109,21 @@ def lora_components(model: VisionLanguageModel) -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft still asks transformers for ``is_gradient_checkpointing``, deprecated in transformers 5."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def merge_lora(model: VisionLanguageModel) -> list[str]:
     """Merge every LoRA adapter into its base weights, in place; returns the merged components."""
     merged = []
     for component, peft_model in lora_components(model).items():
         owner, attr = _peft_target(model, component)
-        setattr(owner, attr, peft_model.merge_and_unload())
+        with _quiet_peft():
+            setattr(owner, attr, peft_model.merge_and_unload())
         merged.append(component)
     return merged
 
@@ -137,7 +148,8 @@ def apply_policy(model: VisionLanguageModel, stage: StageConfig) -> None:
                 target_modules=stage.lora.target_modules,
             )
             try:
-                wrapped = get_peft_model(getattr(owner, attr), config)
+                with _quiet_peft():
+                    wrapped = get_peft_model(getattr(owner, attr), config)
             except ValueError as exc:
                 raise ConfigError(f"stage {stage.name!r}: LoRA on the {component}: {exc}") from exc
             setattr(owner, attr, wrapped)
@@ -197,11 +209,13 @@ def merged_view(model: VisionLanguageModel) -> VisionLanguageModel:
         return model
     tower = model.vision_tower
     if "vision" in wrapped:
-        merged = copy.deepcopy(wrapped["vision"]).merge_and_unload()
+        with _quiet_peft():
+            merged = copy.deepcopy(wrapped["vision"]).merge_and_unload()
         tower = VisionTower(merged, tower.feature_layer, tower.select_strategy)
     lm = model.language_model
     if "language_model" in wrapped:
-        lm = copy.deepcopy(wrapped["language_model"]).merge_and_unload()
+        with _quiet_peft():
+            lm = copy.deepcopy(wrapped["language_model"]).merge_and_unload()
     return VisionLanguageModel(model.config, tower, model.projector, lm)
 
 
