@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from test_training_support import cli_command, make_assets, parse_cli, run_config, step_records
-from vlmkit.errors import CheckpointError
+from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.compose import load_pretrained
 from vlmkit.training import Trainer, TrainingError, load_adapter, load_config, train
 from vlmkit.training import checkpoint as ckpt
@@ -164,6 +164,8 @@ def test_checkpoints_are_atomic_and_pruned(assets, tmp_path, monkeypatch):
     model, _ = load_pretrained(ckpt.resolve_resume(True, tmp_path) / "model")
     assert model is not None
     assert ckpt.clean_stale(tmp_path / "checkpoints") == [stale] and not stale.exists()
+    with pytest.raises(ConfigError, match="already holds checkpoints.*--resume"):
+        train(config)
     with pytest.raises(CheckpointError, match="nothing to resume"):
         ckpt.resolve_resume(True, tmp_path / "elsewhere")
 

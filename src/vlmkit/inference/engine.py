@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,36 +14,14 @@ from transformers import DynamicCache
 
 from vlmkit.errors import ProcessingError
 from vlmkit.inference import kv_cache
-from vlmkit.inference.detokenize import IncrementalDetokenizer
 from vlmkit.inference.options import GenerationOptions, GenerationResult
-from vlmkit.inference.sampling import choose_token
+from vlmkit.inference.rows import RowState, StreamEvent
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.processor import EncodedSample, VLMProcessor
 
 log = logging.getLogger(__name__)
 
 Conversation = list[dict[str, Any]]
-
-
-@dataclass
-class StreamEvent:
-    """A piece of text for request ``index`` (any hashable key); ``result`` is set on the request's last event."""
-
-    index: Hashable
-    text: str
-    result: GenerationResult | None = None
-
-
-@dataclass
-class _Row:
-    key: Hashable
-    options: GenerationOptions
-    prompt_tokens: int
-    budget: int
-    detok: IncrementalDetokenizer
-    generator: torch.Generator | None
-    seen: torch.Tensor | None
-    generated: int = 0
 
 
 class Engine:
@@ -97,26 +74,11 @@ class Engine:
         with torch.inference_mode():
             yield from self._run(encoded, list(options))
 
-    def _new_row(self, key: Hashable, sample: EncodedSample, options: GenerationOptions) -> _Row:
-        generator = None
-        if not options.greedy:
-            generator = torch.Generator()
-            generator.manual_seed(options.seed if options.seed is not None else int(torch.randint(0, 2**62, ())))
-        seen = None
-        if options.repetition_penalty != 1.0:
-            seen = torch.zeros(self.vocab_size, dtype=torch.bool)
-            ids = torch.tensor([t for t in sample.input_ids if t != self.processor.image_token_id], dtype=torch.long)
-            seen[ids[ids < self.vocab_size]] = True
-        n = len(sample.input_ids)
-        return _Row(
-            key=key,
-            options=options,
-            prompt_tokens=n,
-            budget=min(options.max_new_tokens, self.context_length - n),
-            detok=IncrementalDetokenizer(self.processor.tokenizer, options.stop),
-            generator=generator,
-            seen=seen,
-        )
+    def _new_row(self, key: Hashable, sample: EncodedSample, options: GenerationOptions) -> RowState:
+        return RowState.create(
+            key, sample.input_ids, options, tokenizer=self.processor.tokenizer, vocab_size=self.vocab_size,
+            context_length=self.context_length, skip_ids=(self.processor.image_token_id,),
+        )  # fmt: skip
 
     def new_batch(self) -> DecodeBatch:
         """An empty running batch that requests can join (:meth:`DecodeBatch.add`) and leave at any step."""
@@ -138,7 +100,7 @@ class DecodeBatch:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.rows: list[_Row] = []
+        self.rows: list[RowState] = []
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)
         self.next_pos = torch.zeros(0, dtype=torch.long)
@@ -207,37 +169,12 @@ class DecodeBatch:
         events: list[StreamEvent] = []
         tokens: list[int] = []
         keep: list[int] = []
-        stop_ids = self.engine.stop_ids
         # one argmax for all plain greedy rows; sampled or penalised rows choose one by one
         argmax = self.logits.argmax(-1).tolist()
         for r, row in enumerate(self.rows):
-            plain = row.options.greedy and row.seen is None
-            token = argmax[r] if plain else choose_token(self.logits[r], row.options, row.seen, row.generator)
-            row.generated += 1
-            finish = None
-            if token in stop_ids:
-                finish = "stop"
-            else:
-                if row.seen is not None:
-                    row.seen[token] = True
-                piece = row.detok.add(token)
-                if row.detok.stopped:
-                    finish = "stop"
-                elif row.generated >= row.budget:
-                    finish = "length"
-                if piece:
-                    events.append(StreamEvent(row.key, piece))
-            if finish:
-                tail = row.detok.finish()
-                result = GenerationResult(
-                    text=row.detok.text,
-                    finish_reason=finish,  # type: ignore[arg-type]
-                    prompt_tokens=row.prompt_tokens,
-                    completion_tokens=row.generated,
-                    token_ids=list(row.detok.ids),
-                )
-                events.append(StreamEvent(row.key, tail, result))
-            else:
+            token = argmax[r] if row.plain else row.choose(self.logits[r])
+            events += row.accept(token, self.engine.stop_ids)
+            if row.result is None:
                 keep.append(r)
                 tokens.append(token)
         self._keep(keep)

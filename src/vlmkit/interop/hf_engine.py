@@ -24,10 +24,9 @@ from transformers import (
 )
 
 from vlmkit.errors import ProcessingError
-from vlmkit.inference.detokenize import IncrementalDetokenizer
-from vlmkit.inference.engine import Conversation, StreamEvent
+from vlmkit.inference.engine import Conversation
 from vlmkit.inference.options import GenerationOptions, GenerationResult
-from vlmkit.inference.sampling import choose_token
+from vlmkit.inference.rows import RowState, StreamEvent
 
 if TYPE_CHECKING:
     from vlmkit.interop.hf_backend import HFProcessor
@@ -48,29 +47,6 @@ class HFEncoded:
     image_token_counts: list[int]
 
 
-@dataclass
-class _Row:
-    index: Hashable
-    options: GenerationOptions
-    prompt_tokens: int
-    budget: int
-    detok: IncrementalDetokenizer
-    generator: torch.Generator | None
-    seen: torch.Tensor | None
-    generated: int = 0
-    result: GenerationResult | None = None
-    cancelled: bool = False
-
-    @property
-    def done(self) -> bool:
-        return self.cancelled or self.result is not None
-
-    @property
-    def plain(self) -> bool:
-        """Greedy with no penalty: the model's own argmax is the answer."""
-        return self.options.greedy and self.seen is None
-
-
 class _Rows(StoppingCriteria):
     """Per-row bookkeeping, called by ``generate`` after every step with the new tokens.
 
@@ -78,7 +54,7 @@ class _Rows(StoppingCriteria):
     its text pieces and result go to ``emit``. Returns which rows are done; cancelled rows are done and silent.
     """
 
-    def __init__(self, rows: list[_Row], stop_ids: set[int], emit: Callable[[StreamEvent], None]) -> None:
+    def __init__(self, rows: list[RowState], stop_ids: set[int], emit: Callable[[StreamEvent], None]) -> None:
         self.rows = rows
         self.stop_ids = stop_ids
         self.emit = emit
@@ -86,37 +62,14 @@ class _Rows(StoppingCriteria):
     def cancel(self, keys: set[Hashable] | None = None) -> None:
         """Stop rows (all rows when ``keys`` is None) at the next step, without a result."""
         for row in self.rows:
-            if keys is None or row.index in keys:
+            if keys is None or row.key in keys:
                 row.cancelled = True
-
-    def _finish(self, row: _Row, reason: str) -> None:
-        tail = row.detok.finish()
-        row.result = GenerationResult(
-            text=row.detok.text,
-            finish_reason=reason,  # type: ignore[arg-type]
-            prompt_tokens=row.prompt_tokens,
-            completion_tokens=row.generated,
-            token_ids=list(row.detok.ids),
-        )
-        self.emit(StreamEvent(row.index, tail, row.result))
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         for row, token in zip(self.rows, input_ids[:, -1].tolist(), strict=True):
-            if row.done:
-                continue
-            row.generated += 1
-            if token in self.stop_ids:
-                self._finish(row, "stop")
-                continue
-            if row.seen is not None:
-                row.seen[token] = True
-            piece = row.detok.add(token)
-            if piece:
-                self.emit(StreamEvent(row.index, piece))
-            if row.detok.stopped:
-                self._finish(row, "stop")
-            elif row.generated >= row.budget:
-                self._finish(row, "length")
+            if not row.done:
+                for event in row.accept(token, self.stop_ids):
+                    self.emit(event)
         return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
@@ -127,13 +80,13 @@ class _ChooseTokens(LogitsProcessor):
     masked, so the argmax picks it. Plain greedy rows keep the model's logits untouched.
     """
 
-    def __init__(self, rows: list[_Row]) -> None:
+    def __init__(self, rows: list[RowState]) -> None:
         self.rows = rows
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for r, row in enumerate(self.rows):
             if not row.done and not row.plain:
-                token = choose_token(scores[r].cpu(), row.options, row.seen, row.generator)
+                token = row.choose(scores[r])
                 scores[r].fill_(float("-inf"))
                 scores[r, token] = 0.0
         return scores
@@ -142,7 +95,7 @@ class _ChooseTokens(LogitsProcessor):
 class _Generation:
     """One ``model.generate`` call over a fixed set of rows, run in the calling thread or in a worker thread."""
 
-    def __init__(self, engine: HFEngine, inputs: BatchFeature, rows: list[_Row]) -> None:
+    def __init__(self, engine: HFEngine, inputs: BatchFeature, rows: list[RowState]) -> None:
         self.engine = engine
         self.inputs = inputs
         self.rows = rows
@@ -273,27 +226,12 @@ class HFEngine:
         self._check_length(len(ids), name)
         return HFEncoded(messages, ids, _runs(ids, self.placeholder_ids))
 
-    def _new_row(self, key: Hashable, prompt: list[int], options: GenerationOptions) -> _Row:
-        n = len(prompt)
-        self._check_length(n, f"conversation {key}")
-        generator = None
-        if not options.greedy:
-            generator = torch.Generator()
-            generator.manual_seed(options.seed if options.seed is not None else int(torch.randint(0, 2**62, ())))
-        seen = None
-        if options.repetition_penalty != 1.0:
-            seen = torch.zeros(self.vocab_size, dtype=torch.bool)
-            kept = [t for t in prompt if t not in self.placeholder_ids and 0 <= t < self.vocab_size]
-            seen[torch.tensor(kept, dtype=torch.long)] = True
-        return _Row(
-            index=key,
-            options=options,
-            prompt_tokens=n,
-            budget=min(options.max_new_tokens, self.context_length - n),
-            detok=IncrementalDetokenizer(self.processor.tokenizer, options.stop),
-            generator=generator,
-            seen=seen,
-        )
+    def _new_row(self, key: Hashable, prompt: list[int], options: GenerationOptions) -> RowState:
+        self._check_length(len(prompt), f"conversation {key}")
+        return RowState.create(
+            key, prompt, options, tokenizer=self.processor.tokenizer, vocab_size=self.vocab_size,
+            context_length=self.context_length, skip_ids=self.placeholder_ids,
+        )  # fmt: skip
 
     def _generation(self, items: Sequence[Item]) -> _Generation:
         messages = [

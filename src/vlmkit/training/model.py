@@ -229,7 +229,8 @@ def save_adapters(model: VisionLanguageModel, folder: str | Path) -> list[str]:
     """Save each LoRA adapter with peft (``folder/<component>/adapter_model.safetensors``)."""
     saved = []
     for component, peft_model in lora_components(model).items():
-        peft_model.save_pretrained(str(Path(folder) / component))
+        with _quiet_peft():
+            peft_model.save_pretrained(str(Path(folder) / component))
         saved.append(component)
     return saved
 
@@ -242,4 +243,5 @@ def load_adapter(model: VisionLanguageModel, folder: str | Path, component: str 
     if not (path / "adapter_config.json").is_file():
         raise CheckpointError(f"{path}: no adapter_config.json; not a saved LoRA adapter")
     owner, attr = _peft_target(model, component)
-    setattr(owner, attr, PeftModel.from_pretrained(getattr(owner, attr), str(path)))
+    with _quiet_peft():
+        setattr(owner, attr, PeftModel.from_pretrained(getattr(owner, attr), str(path)))

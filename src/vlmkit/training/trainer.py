@@ -235,6 +235,12 @@ class Trainer:
         self._check_data()
         resume_from = ckpt.resolve_resume(self.resume, self.output_dir)
         state = ckpt.read_trainer_state(resume_from) if resume_from is not None else None
+        existing = ckpt.list_checkpoints(self.checkpoint_root)
+        if state is None and existing:
+            raise ConfigError(
+                f"output_dir {self.output_dir} already holds checkpoints (latest {existing[-1].name}); continue "
+                "with --resume, or choose another output_dir"
+            )
         if state is not None:
             self._warn_config_change(resume_from)  # type: ignore[arg-type]
             log.info("resuming from %s (global step %d)", resume_from, state["position"]["global_step"])
@@ -244,8 +250,11 @@ class Trainer:
         self._write_config()
         if self.env.is_main:
             ckpt.clean_stale(self.checkpoint_root)
+            metrics = self.output_dir / "metrics.jsonl"
             if state is not None:
-                truncate_metrics(self.output_dir / "metrics.jsonl", state["position"]["global_step"])
+                truncate_metrics(metrics, state["position"]["global_step"])
+            else:
+                metrics.unlink(missing_ok=True)
         self.metrics = MetricsWriter(self.output_dir, enabled=self.env.is_main, tensorboard=self.config.tensorboard)
         results: list[StageResult] = []
         first_stage = state["position"]["stage_index"] if state else 0
