@@ -146,8 +146,9 @@ def test_cli_eval_on_exported_files(tmp_path, capsys):
     for task, name, metric in [("pope", "pope", "f1 (adversarial)"), ("gqa", "vqa", "accuracy"),
                                ("grounding", "grounding", "acc@0.5"), ("caption", "caption", "cider")]:  # fmt: skip
         out = tmp_path / task
-        argv = ["eval", "--model", "tiny-random", "--task", task, "--data", str(tmp_path / "exp" / f"{name}.jsonl"),
-                "--image-root", str(tmp_path / "exp"), "--out", str(out), "--quiet", "--max-new-tokens", "4"]  # fmt: skip
+        data = str(tmp_path / "exp" / f"{name}.jsonl")
+        argv = ["eval", "--model", "tiny-random", "--task", task, "--data", data, "--image-root",
+                str(tmp_path / "exp"), "--out", str(out), "--quiet", "--max-new-tokens", "4"]  # fmt: skip
         assert main(argv) == 0
         assert metric in capsys.readouterr().out
         report = json.loads((out / "report.json").read_text())

@@ -118,7 +118,9 @@ def test_stop_seed_and_models(server):
     base = client.chat.completions.create(model="tiny", messages=image_message(), max_tokens=20, temperature=0)
     text = base.choices[0].message.content
     stop = text[4:6]
-    cut = client.chat.completions.create(model="tiny", messages=image_message(), max_tokens=20, temperature=0, stop=stop)
+    cut = client.chat.completions.create(
+        model="tiny", messages=image_message(), max_tokens=20, temperature=0, stop=stop
+    )
     assert cut.choices[0].message.content == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
@@ -127,7 +129,12 @@ def test_stop_seed_and_models(server):
 def test_local_media_policy(server):
     client = server.client()
     inside = f"file://{server.media / 'green.png'}"
-    message = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": inside}}, {"type": "text", "text": "x"}]}]
+    message = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": inside}}, {"type": "text", "text": "x"}],
+        }
+    ]
     assert client.chat.completions.create(model="tiny", messages=message, max_tokens=2).choices
     for url, match in [(f"file://{server.media}/../secret.png", "outside the allowed media folder"),
                        ("/etc/hostname", "local paths are not allowed"),
@@ -173,7 +180,9 @@ def test_protocol_errors(server):
     assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
     schema = post(json.dumps({"model": "tiny", "messages": []}).encode())
     assert schema.status_code == 422 and schema.json()["error"]["param"] == "messages"
-    temperature = post(json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 9}).encode())
+    temperature = post(
+        json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 9}).encode()
+    )
     assert temperature.status_code == 422 and "temperature" in temperature.json()["error"]["message"]
     big = post(json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 600_000}]}).encode())
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"

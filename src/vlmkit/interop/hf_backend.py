@@ -24,7 +24,7 @@ from transformers import BatchFeature, PreTrainedModel
 from vlmkit.errors import CheckpointError, ProcessingError
 from vlmkit.inference.engine import Conversation
 from vlmkit.interop.hf_engine import HFEngine
-from vlmkit.processing.chat import ROLES
+from vlmkit.processing.chat import check_message
 from vlmkit.processing.images import DEFAULT_MAX_PIXELS, ImageAccess, load_image
 
 log = logging.getLogger(__name__)
@@ -160,11 +160,7 @@ class HFProcessor:
         out = []
         for index, message in enumerate(messages):
             where = f"{name}, message {index}"
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise ProcessingError(f"{where}: needs 'role' and 'content' keys, got {message!r:.100}")
-            role, content = message["role"], message["content"]
-            if role not in ROLES:
-                raise ProcessingError(f"{where}: unknown role {role!r}; valid roles: {', '.join(ROLES)}")
+            role, content = check_message(message, where)
             if isinstance(content, str):
                 parts = [{"type": "text", "text": content}]
             elif isinstance(content, list):

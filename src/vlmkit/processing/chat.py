@@ -28,6 +28,16 @@ DEFAULT_TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>")
 ROLES = ("system", "user", "assistant")
 
 
+def check_message(message: Any, where: str) -> tuple[str, Any]:
+    """``(role, content)`` of one message, after checking its shape and role."""
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise ProcessingError(f"{where}: needs 'role' and 'content' keys, got {message!r:.100}")
+    role, content = message["role"], message["content"]
+    if role not in ROLES:
+        raise ProcessingError(f"{where}: unknown role {role!r}; valid roles: {', '.join(ROLES)}")
+    return role, content
+
+
 def flatten_messages(
     messages: list[dict[str, Any]], images: list[Any] | None = None, image_token: str = IMAGE_TOKEN
 ) -> tuple[list[dict[str, str]], list[Any]]:
@@ -44,11 +54,7 @@ def flatten_messages(
     flat: list[dict[str, str]] = []
     markers = 0
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ProcessingError(f"message {index}: needs 'role' and 'content' keys, got {message!r:.100}")
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise ProcessingError(f"message {index}: unknown role {role!r}; valid roles: {', '.join(ROLES)}")
+        role, content = check_message(message, f"message {index}")
         if isinstance(content, str):
             text = content
         elif isinstance(content, list):

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -47,9 +47,11 @@ class ServerSettings:
 class APIError(Exception):
     """An error answered with OpenAI's body ``{"error": {"message", "type", "param", "code"}}``."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-             503: "service_unavailable"}  # fmt: skip
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+        413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+        503: "service_unavailable",
+    }  # fmt: skip
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -90,7 +92,8 @@ def _messages(request: ChatCompletionRequest, max_images: int) -> list[dict[str,
                     )  # fmt: skip
         out.append({"role": role, "content": content})
     if images > max_images:
-        raise APIError(400, f"At most {max_images} image(s) may be provided in one prompt", "messages", "too_many_images")
+        message = f"At most {max_images} image(s) may be provided in one prompt"
+        raise APIError(400, message, "messages", "too_many_images")
     return out
 
 
@@ -123,9 +126,7 @@ def create_app(vlm: Any, settings: ServerSettings) -> FastAPI:
     """The FastAPI app serving ``vlm`` (a :class:`vlmkit.api.VLM`) under ``settings``."""
     processor = vlm.processor
     root = Path(settings.allowed_local_media_path).resolve() if settings.allowed_local_media_path else None
-    processor.image_access = ImageAccess(
-        allow_local=False, local_root=root, allow_remote=settings.allow_remote_images
-    )
+    processor.image_access = ImageAccess(allow_local=False, local_root=root, allow_remote=settings.allow_remote_images)
     state: dict[str, Any] = {}
 
     @asynccontextmanager
@@ -176,12 +177,15 @@ def create_app(vlm: Any, settings: ServerSettings) -> FastAPI:
     async def chat_completions(request: Request):
         _authorise(request)
         limit = int(settings.max_body_mb * 1024 * 1024)
+        too_large = APIError(
+            413, f"request body is over the {settings.max_body_mb:g} MB limit", None, "request_too_large"
+        )
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"request body is over the {settings.max_body_mb:g} MB limit", None, "request_too_large")
+            raise too_large
         raw = await request.body()
         if len(raw) > limit:
-            raise APIError(413, f"request body is over the {settings.max_body_mb:g} MB limit", None, "request_too_large")
+            raise too_large
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
