@@ -86,15 +86,8 @@ def step_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def cli_command(*args: str) -> list[str]:
-    """A subprocess command running ``vlmkit train`` (through the CLI once it registers ``train``)."""
-    from vlmkit import cli
-
-    if "train" in cli.COMMAND_MODULES:
-        return [sys.executable, "-m", "vlmkit", "train", *args]
-    return [sys.executable, "-c", _STANDALONE, "train", *args]
-
-
-_STANDALONE = """
+    """A subprocess command running ``vlmkit train``."""
+    return [sys.executable, "-m", "vlmkit", "train", *args]
 import argparse, logging, sys
 from vlmkit.commands import train
 from vlmkit.errors import VlmkitError

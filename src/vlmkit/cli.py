@@ -13,7 +13,7 @@ import sys
 from vlmkit.errors import VlmkitError
 
 # Modules under vlmkit.commands, each with ``register(subparsers)`` that adds its parser(s) and sets ``func``.
-COMMAND_MODULES = ("demo", "describe", "chat", "eval", "export", "serve", "data")
+COMMAND_MODULES = ("demo", "describe", "chat", "eval", "export", "serve", "train", "data")
 
 
 def build_parser() -> argparse.ArgumentParser:
