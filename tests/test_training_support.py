@@ -88,19 +88,6 @@ def step_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def cli_command(*args: str) -> list[str]:
     """A subprocess command running ``vlmkit train``."""
     return [sys.executable, "-m", "vlmkit", "train", *args]
-import argparse, logging, sys
-from vlmkit.commands import train
-from vlmkit.errors import VlmkitError
-logging.basicConfig(level=logging.INFO)
-parser = argparse.ArgumentParser(prog="vlmkit")
-train.register(parser.add_subparsers())
-args = parser.parse_args(sys.argv[1:])
-try:
-    sys.exit(args.func(args))
-except VlmkitError as exc:
-    print(f"error: {exc}", file=sys.stderr)
-    sys.exit(1)
-"""
 
 
 def parse_cli(*args: str) -> argparse.Namespace:
