@@ -24,7 +24,6 @@ from common import bench_model
 from vlmkit.data.synth import SynthConfig, generate
 from vlmkit.interop.hf_llava import to_transformers_llava
 from vlmkit.training.data import BatchPlan, Collator, TrainSample, padding_fraction
-from vlmkit.training.trainer import token_loss_sum
 
 
 def shapes_samples(processor, n: int, seed: int = 0) -> list[TrainSample]:
@@ -44,13 +43,12 @@ def freeze_vision(module: torch.nn.Module, vision: torch.nn.Module) -> list[torc
 
 
 def vlmkit_step(model, batch: dict) -> Callable[[], float]:
-    """The trainer's micro-step: forward on spliced embeddings, summed token CE / target tokens, backward."""
+    """The trainer's micro-step: summed token CE (LM head on supervised positions only) / target tokens, backward."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     targets = batch["num_targets"]
 
     def step() -> float:
-        out = model(**inputs, use_cache=False)
-        loss = token_loss_sum(out.logits, batch["labels"]) / targets
+        loss = model(**inputs, labels=batch["labels"], supervised_loss=True)["loss_sum"] / targets
         loss.backward()
         return float(loss.detach())
 

@@ -271,3 +271,17 @@ def test_parts_loaded_by_path_from_transformers_folders(tmp_path):
 def test_lm_config_without_tokenizer_is_an_error():
     with pytest.raises(ConfigError, match="pass a tokenizer"):
         compose(clip_config(), llama_config(), "linear")
+
+
+@pytest.mark.parametrize("lm", sorted(LMS))
+def test_supervised_loss_sum_equals_full_logits_loss(lm):
+    model, processor = compose_tiny(clip_config(), LMS[lm]())
+    batch = processor(conversations(), train=True)
+    full = model(**batch)
+    loss_sum, targets = model.supervised_loss_sum(
+        batch["input_ids"], batch["labels"], batch["attention_mask"], batch["pixel_values"]
+    )
+    assert targets == int((batch["labels"][:, 1:] != -100).sum())
+    assert torch.allclose(loss_sum / targets, full.loss, atol=1e-5)
+    loss_sum.backward()
+    assert model.projector[0].weight.grad is not None

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from test_training_support import _STANDALONE, make_assets, run_config, step_records
+from test_training_support import make_assets, run_config, step_records
 from vlmkit.training import train
 from vlmkit.training.metrics import read_metrics
 
@@ -28,10 +28,9 @@ def test_two_processes_match_one(tmp_path):
 
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(run_config(assets, tmp_path / "two", {**stage, "batch_size": 2})))
-    script = tmp_path / "run_train.py"
-    script.write_text(_STANDALONE)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(["src", "tests"])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # exactly the documented command: torchrun --nproc_per_node=2 -m vlmkit train CONFIG
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vlmkit",
                "train", str(config)]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -17,6 +18,8 @@ from vlmkit.config import FORMAT_VERSION, LMConfig, VLMConfig
 from vlmkit.errors import CheckpointError, ConfigError, ImageTokenMismatchError
 from vlmkit.models.projector import build_projector
 from vlmkit.models.vision import VisionTower, hf_config_from_dict
+
+IGNORE_INDEX = -100
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +150,21 @@ class VisionLanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         image_counts: torch.Tensor | None = None,
+        supervised_loss: bool = False,
         **lm_kwargs,
     ):
         """Logits (and the LM loss over ``labels`` != -100) of the LM on the spliced embeddings.
 
         Position ids default to the running count of attended tokens, so left padding gets correct positions.
         ``image_counts`` (images per row, from the processor) is accepted and unused: placement is by token.
+        ``supervised_loss=True`` (training) returns ``{"loss_sum", "targets"}`` from
+        :meth:`supervised_loss_sum` instead, through ``forward`` so that DDP sees the call.
         """
+        if supervised_loss:
+            if labels is None:
+                raise ConfigError("supervised_loss=True needs labels")
+            loss_sum, targets = self.supervised_loss_sum(input_ids, labels, attention_mask, pixel_values, position_ids)
+            return {"loss_sum": loss_sum, "targets": torch.tensor(targets)}
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features)
         if position_ids is None and attention_mask is not None and lm_kwargs.get("past_key_values") is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -163,6 +174,45 @@ class VisionLanguageModel(nn.Module):
             position_ids=position_ids,
             labels=labels,
             **lm_kwargs,
+        )
+
+    def supervised_loss_sum(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Summed next-token cross-entropy (fp32) over ``labels`` != -100, and the number of those targets.
+
+        For training: the LM head runs only at the supervised positions instead of over the whole sequence (the
+        image and prompt tokens, usually most of it), which saves time and the memory of full-vocabulary logits.
+        LMs whose logits are more than ``lm_head(hidden)`` (soft-capping, logit scales) take the full forward.
+        """
+        shift_labels = labels[:, 1:]
+        targets = shift_labels != IGNORE_INDEX
+        if not self._head_only_supported():
+            logits = self(input_ids, attention_mask, pixel_values, position_ids=position_ids, use_cache=False).logits
+            picked = logits[:, :-1][targets].float()
+        else:
+            embeds = self.embed_inputs(input_ids, pixel_values)
+            if position_ids is None and attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            hidden = self.language_model.get_decoder()(
+                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+            picked = self.language_model.get_output_embeddings()(hidden[:, :-1][targets]).float()
+        loss = F.cross_entropy(picked, shift_labels[targets], reduction="sum")
+        return loss, int(targets.sum())
+
+    def _head_only_supported(self) -> bool:
+        config = self.language_model.config
+        extras = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+        return (
+            self.language_model.get_output_embeddings() is not None
+            and getattr(self.language_model, "get_decoder", None) is not None
+            and not any(getattr(config, name, None) not in (None, 1, 1.0) for name in extras)
         )
 
     # -- freezing -------------------------------------------------------------------------------------------

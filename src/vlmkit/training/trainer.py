@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_model, save_model
 
@@ -25,7 +24,7 @@ from vlmkit.data.sample import IMAGE_TOKEN
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.models.compose import load_pretrained
 from vlmkit.models.vlm import VisionLanguageModel
-from vlmkit.processing.processor import IGNORE_INDEX, VLMProcessor
+from vlmkit.processing.processor import VLMProcessor
 from vlmkit.training import checkpoint as ckpt
 from vlmkit.training import distributed as dist_utils
 from vlmkit.training.config import StageConfig, TrainConfig, config_as_dict, load_config
@@ -118,18 +117,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"precision fp16 needs a CUDA device (this run is on {device.type}); use bf16 or fp32")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over labels != -100 (in fp32)."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
 
 
 class _StopFlag:
@@ -454,8 +441,7 @@ class Trainer:
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids", "pixel_values")
                   if k in batch}  # fmt: skip
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = model(**inputs, use_cache=False)
-            loss_sum = token_loss_sum(out.logits, batch["labels"])
+            loss_sum = model(**inputs, labels=batch["labels"].to(device), supervised_loss=True)["loss_sum"]
         scale = self.env.world_size / max(1, targets)
         scaler.scale(loss_sum * scale).backward()
         return float(loss_sum.detach())
