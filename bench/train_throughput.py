@@ -100,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--padding-samples", type=int, default=2048, help="ShapesWorld samples for the padding figures")
     parser.add_argument("--model", default=None, help="a vlmkit checkpoint (default: a random SigLIP + Llama)")
+    parser.add_argument("--lm-vocab", type=int, default=None, help="widen the random LM's vocabulary (e.g. 32000)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    vlm = bench_model(args.model)
+    vlm = bench_model(args.model, args.lm_vocab)
+    vocab = vlm.model.language_model.config.vocab_size
     model, processor = vlm.model.float().train(), vlm.processor
     llava = to_transformers_llava(model).float().train()
     samples = shapes_samples(processor, args.batch_size * 4)
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "model": args.model or "random SigLIP 128px/64 tokens + Llama 4x256 (bench/common.py)",
+        "model": args.model or f"random SigLIP 128px/64 tokens + Llama 4x256, vocab {vocab}",
         "stage": "instruct (vision frozen; projector + LM trained; AdamW)",
         "batch": {"rows": rows, "width": width, "real_tokens": real_tokens},
         "loss_check": {
