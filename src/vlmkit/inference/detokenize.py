@@ -14,9 +14,11 @@ class IncrementalDetokenizer:
     could still become the start of a stop string is held back until it can't.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = (), incremental: bool = True):
+        """``incremental=False`` (nobody reads the pieces, no stop strings) decodes once, in :meth:`finish`."""
         self.tokenizer = tokenizer
         self.stop = stop
+        self.incremental = incremental or bool(stop)
         self.ids: list[int] = []
         self._prefix = 0  # ids[_prefix:_read] decode to the context of the next piece
         self._read = 0
@@ -32,6 +34,8 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self.ids.append(token_id)
+        if not self.incremental:
+            return ""
         before = self._decode(self.ids[self._prefix : self._read])
         after = self._decode(self.ids[self._prefix :])
         if len(after) > len(before) and not after.endswith(REPLACEMENT):

@@ -52,7 +52,7 @@ class Engine:
     ) -> list[GenerationResult]:
         """Generate one answer per conversation, all in one batch."""
         results: list[GenerationResult | None] = [None] * len(conversations)
-        for event in self.stream_batch(conversations, options):
+        for event in self.stream_batch(conversations, options, stream=False):
             if event.result is not None:
                 results[event.index] = event.result
         return results  # type: ignore[return-value]
@@ -61,8 +61,12 @@ class Engine:
         self,
         conversations: Sequence[Conversation | EncodedSample],
         options: GenerationOptions | Sequence[GenerationOptions],
+        stream: bool = True,
     ) -> Iterator[StreamEvent]:
-        """Generate for a batch, yielding text pieces as they are decoded (any order across requests)."""
+        """Generate for a batch, yielding text pieces as they are decoded (any order across requests).
+
+        ``stream=False`` yields only each request's final event (its whole text), skipping incremental decoding.
+        """
         if not conversations:
             return
         if isinstance(options, GenerationOptions):
@@ -72,21 +76,23 @@ class Engine:
             for i, c in enumerate(conversations)
         ]
         with torch.inference_mode():
-            yield from self._run(encoded, list(options))
+            yield from self._run(encoded, list(options), stream)
 
-    def _new_row(self, key: Hashable, sample: EncodedSample, options: GenerationOptions) -> RowState:
+    def _new_row(self, key: Hashable, sample: EncodedSample, options: GenerationOptions, stream: bool) -> RowState:
         return RowState.create(
             key, sample.input_ids, options, tokenizer=self.processor.tokenizer, vocab_size=self.vocab_size,
-            context_length=self.context_length, skip_ids=(self.processor.image_token_id,),
+            context_length=self.context_length, skip_ids=(self.processor.image_token_id,), stream=stream,
         )  # fmt: skip
 
     def new_batch(self) -> DecodeBatch:
         """An empty running batch that requests can join (:meth:`DecodeBatch.add`) and leave at any step."""
         return DecodeBatch(self)
 
-    def _run(self, encoded: list[EncodedSample], options: list[GenerationOptions]) -> Iterator[StreamEvent]:
+    def _run(
+        self, encoded: list[EncodedSample], options: list[GenerationOptions], stream: bool
+    ) -> Iterator[StreamEvent]:
         batch = self.new_batch()
-        batch.add([(i, sample, opts) for i, (sample, opts) in enumerate(zip(encoded, options, strict=True))])
+        batch.add([(i, s, o) for i, (s, o) in enumerate(zip(encoded, options, strict=True))], stream=stream)
         while batch:
             yield from batch.step()
 
@@ -114,8 +120,11 @@ class DecodeBatch:
         return [row.key for row in self.rows]
 
     @torch.inference_mode()
-    def add(self, items: Sequence[tuple[Hashable, EncodedSample, GenerationOptions]]) -> None:
-        """Prefill ``(key, encoded prompt, options)`` items together and join them to the batch."""
+    def add(self, items: Sequence[tuple[Hashable, EncodedSample, GenerationOptions]], stream: bool = True) -> None:
+        """Prefill ``(key, encoded prompt, options)`` items together and join them to the batch.
+
+        ``stream=False``: their text is decoded once at the end instead of piece by piece.
+        """
         if not items:
             return
         engine, model = self.engine, self.engine.model
@@ -134,7 +143,7 @@ class DecodeBatch:
             logits_to_keep=1,
         )
         logits = out.logits[:, -1]
-        rows = [engine._new_row(key, sample, opts) for key, sample, opts in items]
+        rows = [engine._new_row(key, sample, opts, stream) for key, sample, opts in items]
         if self.cache is None or not self.rows:
             self.cache, self.mask, self.logits = cache, mask, logits
             self.next_pos = positions[:, -1] + 1

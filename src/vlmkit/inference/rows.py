@@ -48,8 +48,12 @@ class RowState:
         vocab_size: int,
         context_length: int,
         skip_ids: Iterable[int] = (),
+        stream: bool = True,
     ) -> RowState:
-        """State for a prompt; ``skip_ids`` (image placeholders) don't count for the repetition penalty."""
+        """State for a prompt; ``skip_ids`` (image placeholders) don't count for the repetition penalty.
+
+        ``stream=False``: text pieces are not needed, so the text is decoded once at the end.
+        """
         generator = None
         if not options.greedy:
             generator = torch.Generator()
@@ -65,7 +69,7 @@ class RowState:
             options=options,
             prompt_tokens=len(prompt),
             budget=min(options.max_new_tokens, context_length - len(prompt)),
-            detok=IncrementalDetokenizer(tokenizer, options.stop),
+            detok=IncrementalDetokenizer(tokenizer, options.stop, incremental=stream),
             generator=generator,
             seen=seen,
         )
