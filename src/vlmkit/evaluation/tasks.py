@@ -176,6 +176,17 @@ class Task:
     def _question(self, row: dict[str, Any], where: str, keys: Sequence[str] = ("question",)) -> str:
         return _get(row, keys, where) + self.prompt_suffix
 
+    def _qa_sample(self, row: dict[str, Any], where: str, image_root: Path, reference: dict[str, Any]) -> EvalSample:
+        """A question-about-an-image sample: id, question (+ suffix), image and the task's reference."""
+        return EvalSample(
+            _sample_id(row, where), self._question(row, where), _image(row, where, image_root), reference, where
+        )
+
+    @staticmethod
+    def _group(row: dict[str, Any], keys: Sequence[str]) -> str | None:
+        """The first of ``keys`` present in ``row``, as the sample's reporting group."""
+        return next((str(row[k]) for k in keys if row.get(k) is not None), None)
+
 
 class PopeTask(Task):
     """POPE: yes/no object existence, LLaVA parsing, metrics per category."""
@@ -234,14 +245,8 @@ class VqaTask(Task):
                 where,
                 len(answers),
             )
-        group = next((str(row[k]) for k in ("answer_type", "task", "category") if row.get(k) is not None), None)
-        return EvalSample(
-            _sample_id(row, where),
-            self._question(row, where),
-            _image(row, where, image_root),
-            {"answers": answers, "group": group},
-            where,
-        )
+        group = self._group(row, ("answer_type", "task", "category"))
+        return self._qa_sample(row, where, image_root, {"answers": answers, "group": group})
 
     def score(self, sample: EvalSample, prediction: str) -> dict[str, Any]:
         return {"score": vqa_accuracy(prediction, sample.reference["answers"], textvqa=self.textvqa)}
@@ -262,14 +267,8 @@ class GqaTask(Task):
 
     def read(self, row: dict[str, Any], where: str, image_root: Path) -> EvalSample:
         answers = _answers(row, where, ("answer", "answers"))
-        group = next((str(row[k]) for k in ("task", "category") if row.get(k) is not None), None)
-        return EvalSample(
-            _sample_id(row, where),
-            self._question(row, where),
-            _image(row, where, image_root),
-            {"answers": answers, "group": group},
-            where,
-        )
+        group = self._group(row, ("task", "category"))
+        return self._qa_sample(row, where, image_root, {"answers": answers, "group": group})
 
     def score(self, sample: EvalSample, prediction: str) -> dict[str, Any]:
         return {"score": gqa_exact_match(prediction, sample.reference["answers"])}
@@ -282,13 +281,7 @@ class DocVqaTask(Task):
     default_suffix = SHORT_ANSWER
 
     def read(self, row: dict[str, Any], where: str, image_root: Path) -> EvalSample:
-        return EvalSample(
-            _sample_id(row, where),
-            self._question(row, where),
-            _image(row, where, image_root),
-            {"answers": _answers(row, where)},
-            where,
-        )
+        return self._qa_sample(row, where, image_root, {"answers": _answers(row, where)})
 
     def score(self, sample: EvalSample, prediction: str) -> dict[str, Any]:
         return {"score": anls(prediction, sample.reference["answers"])}
