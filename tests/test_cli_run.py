@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import vlmkit
+from vlmkit.api import NOTICES
 from vlmkit.cli import main
 from vlmkit.errors import CheckpointError, ConfigError
 
@@ -80,7 +81,6 @@ def test_cli_describe_folder(image, tmp_path, capsys):
         (["chat", "--model", "tiny-random", " "], "the prompt is empty"),
         (["chat", "hi", "--image", "/no/such.png"], "not found"),
         (["chat", "hi", "--model", "tiny-random", "--temperature", "-1"], "temperature must be ≥ 0"),
-        (["chat", "hi", "--model", "default"], "built-in 'default' model is not shipped"),
     ],
 )
 def test_cli_errors_are_clear(argv, message, image, tmp_path, capsys, monkeypatch):
@@ -115,7 +115,8 @@ def test_cli_chat_interactive_session(tiny, image, capsys, monkeypatch):
 def test_demo_runs_on_shipped_examples(capsys):
     assert main(["demo"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.count("shapes-") == 4 and "UNTRAINED" in captured.err
+    assert captured.out.count("shapes-") == 4
+    assert captured.err.count(NOTICES["default"]) == 1 and "UNTRAINED" not in captured.err
 
 
 def test_cli_eval_suite_and_resume(tmp_path, capsys):

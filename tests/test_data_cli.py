@@ -65,6 +65,12 @@ def test_synth_options(run, tmp_path):
     assert (tmp_path / "train.jsonl").read_bytes() == first, "same output with any number of workers"
     code, _, err = run("data", "synth", "--out", tmp_path, "--n", 1, "--tasks", "exist,colours", "--no-progress")
     assert code == 1 and err.startswith("error: unknown task(s) colours")
+    code, _, err = run("data", "synth", "--out", tmp_path / "t", "--n", 1, "--turns", "8-3", "--no-progress")
+    assert code == 1 and "--turns: expected FEWEST-MOST" in err
+    assert run("data", "synth", "--out", tmp_path / "t", "--n", 4, "--tasks", "multiturn", "--turns", "5",
+               "--no-progress")[0] == 0  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "t" / "train.jsonl").read_text().splitlines()]
+    assert [len(r["conversations"]) for r in rows] == [10] * 4
 
 
 def _broken_jsonl(tmp_path: Path) -> Path:

@@ -64,6 +64,13 @@ def test_round_trip_gives_identical_samples(tmp_path, fmt):
     _assert_same(list(dataset), records)  # re-iterable
     assert open_dataset(tmp_path).format == fmt, "a folder holding one dataset is detected"
     assert not dataset.problems
+    raw = list(open_dataset(writer.path, decode_images=False))  # text only: images stay undecoded references
+    assert [s.messages for s in raw] == [r.messages for r in records]
+    for sample, record in zip(raw, records, strict=True):
+        assert len(sample.images) == len(record.images)
+        for ref, data in zip(sample.images, record.images, strict=True):
+            assert not isinstance(ref, Image.Image)
+            assert np.array_equal(np.asarray(load_image(ref)), np.asarray(load_image(data)))
 
 
 def test_conversion_through_every_format_is_lossless(tmp_path):

@@ -138,6 +138,16 @@ def test_string_markers_with_images_argument_equal_content_parts():
     assert a.input_ids == b.input_ids and torch.equal(a.pixel_values, b.pixel_values)
 
 
+def test_encoding_without_pixels_gives_the_same_tokens():
+    processor = processor_with()
+    messages = [image_turn("What is it?", n_images=2), {"role": "assistant", "content": "Two squares."}]
+    full = processor.encode(messages, train=True)
+    lazy = processor.encode(messages, train=True, pixels=False)
+    assert lazy.pixel_values is None and full.pixel_values.shape[0] == 2
+    assert (lazy.input_ids, lazy.labels, lazy.image_token_counts) == (full.input_ids, full.labels,
+                                                                       full.image_token_counts)  # fmt: skip
+
+
 def test_openai_image_url_parts_and_bad_parts():
     processor = processor_with()
     buffer = io.BytesIO()

@@ -313,6 +313,16 @@ def test_conversations_and_task_mix():
     only = list(generate(SynthConfig("train", tasks=("count", "multiturn")), 60))
     assert {r.task for r in only} == {"count", "multiturn"}
     assert all(set(r.meta["turns"]) == {"count"} for r in only if r.task == "multiturn")
+    long = list(generate(SynthConfig("train", tasks=("multiturn",), turns=(6, 8)), 30))
+    turns = [len(r.messages) // 2 for r in long]
+    assert min(turns) >= 6 and max(turns) <= 8 and len(set(turns)) > 1
+    assert all(len({m["content"] for m in r.messages[::2]}) == len(r.messages) // 2 for r in long)  # distinct
+
+
+def test_turns_must_be_an_ordered_positive_range():
+    for bad in ((0, 2), (5, 3)):
+        with pytest.raises(ConfigError, match="turns must be 1 <= fewest <= most"):
+            SynthConfig("train", turns=bad)
 
 
 def test_eval_items_of_the_test_split():

@@ -13,6 +13,19 @@ from vlmkit.data.formats import FORMATS, PROBLEMS, open_dataset, open_writer
 from vlmkit.data.shapes import DEFAULT_IMAGE_SIZE, SPLITS
 from vlmkit.data.synth import SynthConfig, export_eval, write_synthetic
 from vlmkit.data.tasks import TASKS, parse_tasks
+from vlmkit.errors import ConfigError
+
+
+def parse_turns(text: str) -> tuple[int, int]:
+    """``"6-10"`` (or ``"8"``) → (6, 10); ConfigError when it isn't one or two integers."""
+    parts = text.split("-")
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, -1)
+    except ValueError:
+        low, high = 0, -1
+    if not 1 <= low <= high:
+        raise ConfigError(f"--turns: expected FEWEST-MOST with 1 <= FEWEST <= MOST (e.g. 6-10), got {text!r}")
+    return low, high
 
 
 def register(subparsers: Any) -> None:
@@ -30,6 +43,7 @@ def register(subparsers: Any) -> None:
     synth.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     synth.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
     synth.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
+    synth.add_argument("--turns", default="2-4", help="questions per multiturn sample: FEWEST-MOST (e.g. 6-10)")
     synth.add_argument("--shard-size", type=int, default=10_000, help="samples per tar shard (wds)")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that split")
     synth.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -88,7 +102,13 @@ def _print_counts(
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    config = SynthConfig(split=args.split, seed=args.seed, tasks=parse_tasks(args.tasks), image_size=args.image_size)
+    config = SynthConfig(
+        split=args.split,
+        seed=args.seed,
+        tasks=parse_tasks(args.tasks),
+        image_size=args.image_size,
+        turns=parse_turns(args.turns),
+    )
     with _progress(args.n, f"synth {args.split}", args.no_progress) as update:
         path = write_synthetic(
             args.out, config, args.n, args.format, workers=args.workers, overwrite=args.overwrite,

@@ -1,4 +1,4 @@
-"""``vlmkit demo``: describe the example images shipped with vlmkit using the built-in model."""
+"""``vlmkit demo``: describe the example images shipped with vlmkit (ShapesWorld scenes) with the built-in model."""
 
 from __future__ import annotations
 
@@ -19,24 +19,17 @@ def example_images() -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmkit.api import BUILTIN_DIR, load
+    from vlmkit.api import load
     from vlmkit.inference.describe import describe
 
-    name = "default" if (BUILTIN_DIR / "config.json").is_file() else "tiny-random"
-    if name == "tiny-random":
-        print(
-            "vlmkit demo: the built-in 'default' model is not shipped yet, so this demo uses 'tiny-random', a tiny "
-            "UNTRAINED model.\nIts descriptions are random text: the demo shows the pipeline (images → engine → "
-            "JSONL), not understanding.\n",
-            file=sys.stderr,
-        )
+    name = "default"
     vlm = load(name)
     if vlm.notice:
         print(f"note: {vlm.notice}", file=sys.stderr)
     images = example_images()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "descriptions.jsonl"
-        summary = describe(vlm, images, out, batch_size=len(images), max_new_tokens=40, progress=False)
+        summary = describe(vlm, images, out, batch_size=len(images), max_new_tokens=96, progress=False)
         for line in out.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
             print(f"{Path(record['image']).name}: {record['text']!r} ({record['tokens']} tokens)")

@@ -193,11 +193,13 @@ class SampleDataset(ABC):
         image_root: str | Path | None = None,
         skip_bad: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        decode_images: bool = True,
     ) -> None:
         self.path = Path(path)
         self.image_root = Path(image_root) if image_root is not None else self._default_root()
         self.skip_bad = skip_bad
         self.max_pixels = max_pixels
+        self.decode_images = decode_images
         self.problems: Counter[str] = Counter()
 
     def __repr__(self) -> str:
@@ -219,7 +221,9 @@ class SampleDataset(ABC):
     def _image_refs(self, parsed: _Parsed, payload: Any) -> list[Any]:
         return parsed.image_refs
 
-    def _load(self, where: str, source: Any, name: str) -> Image.Image:
+    def _load(self, where: str, source: Any, name: str) -> Any:
+        if not self.decode_images:
+            return source  # a path or encoded bytes, unchecked: for readers that only need the text
         try:
             return load_image(source, max_pixels=self.max_pixels)
         except ImageError as exc:
@@ -532,18 +536,22 @@ def open_dataset(
     image_root: str | Path | None = None,
     skip_bad: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    decode_images: bool = True,
 ) -> SampleDataset:
     """Open a dataset in any supported format (auto-detected when ``format`` is None) for reading Samples.
 
     ``image_root`` is the folder image paths are relative to (and must stay inside); by default the folder of
     the JSON/JSONL file, the shard folder, or the datasets folder. ``skip_bad`` skips bad records, counting them
-    in ``dataset.problems``, instead of raising :class:`RecordError`.
+    in ``dataset.problems``, instead of raising :class:`RecordError`. ``decode_images=False`` leaves each image
+    as its path or encoded bytes, unchecked (much faster when only the text is needed).
     """
     if format is None:
         format, path = detect_format(path)
     elif format not in _READERS:
         raise DataError(f"unknown dataset format {format!r}; expected one of {', '.join(FORMATS)}")
-    return _READERS[format](path, image_root=image_root, skip_bad=skip_bad, max_pixels=max_pixels)
+    return _READERS[format](
+        path, image_root=image_root, skip_bad=skip_bad, max_pixels=max_pixels, decode_images=decode_images
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- writing

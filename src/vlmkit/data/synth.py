@@ -26,7 +26,15 @@ from vlmkit.data.shapes import (
     sample_scene,
     stream_rng,
 )
-from vlmkit.data.tasks import TASKS, EvalItem, choose_task, conversation, eval_items, parse_tasks
+from vlmkit.data.tasks import (
+    MULTITURN_TURNS,
+    TASKS,
+    EvalItem,
+    choose_task,
+    conversation,
+    eval_items,
+    parse_tasks,
+)
 from vlmkit.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -44,10 +52,16 @@ class SynthConfig:
     seed: int = 0
     tasks: tuple[str, ...] = TASKS
     image_size: int = DEFAULT_IMAGE_SIZE
+    turns: tuple[int, int] = MULTITURN_TURNS
+    """Fewest and most questions of a ``multiturn`` sample."""
 
     def __post_init__(self) -> None:
         check_split(self.split)
         object.__setattr__(self, "tasks", parse_tasks(self.tasks))
+        low, high = self.turns
+        if not 1 <= low <= high:
+            raise ConfigError(f"turns must be 1 <= fewest <= most, got {low}-{high}")
+        object.__setattr__(self, "turns", (int(low), int(high)))
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
 
@@ -57,7 +71,7 @@ def make_record(config: SynthConfig, index: int) -> Record:
     scene = sample_scene(config.split, config.seed, index, config.image_size)
     rng = stream_rng(config.split, config.seed, index, stream=2)
     task = choose_task(rng, config.tasks)
-    messages, task_meta = conversation(scene, task, rng, config.tasks)
+    messages, task_meta = conversation(scene, task, rng, config.tasks, config.turns)
     meta = {"source": "shapesworld", **task_meta, "truth": scene.to_dict()}
     return Record(scene.id, messages, [render_png(scene)], task, meta)
 

@@ -274,22 +274,26 @@ def ask(task: str, scene: Scene, rng: np.random.Generator, *, canonical: bool = 
 
 
 def conversation(
-    scene: Scene, task: str, rng: np.random.Generator, tasks: Iterable[str] = TASKS
+    scene: Scene,
+    task: str,
+    rng: np.random.Generator,
+    tasks: Iterable[str] = TASKS,
+    turns: tuple[int, int] = MULTITURN_TURNS,
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """Messages for one sample of ``task`` (the image marker opens the first user turn) and task metadata.
 
-    ``multiturn`` asks 2 to 4 distinct questions drawn from the other selected ``tasks`` (all single-turn tasks
-    when none is selected).
+    ``multiturn`` asks ``turns[0]`` to ``turns[1]`` (default 2 to 4) distinct questions drawn from the other
+    selected ``tasks`` (all single-turn tasks when none is selected).
     """
     if task == "multiturn":
         pool = [t for t in tasks if t != "multiturn"] or list(SINGLE_TURN_TASKS)
-        turns = int(rng.integers(MULTITURN_TURNS[0], MULTITURN_TURNS[1] + 1))
+        count = int(rng.integers(turns[0], turns[1] + 1))
         qas: list[QA] = []
-        for _ in range(turns * 10):
+        for _ in range(count * 10):
             qa = ask(_pick(rng, pool), scene, rng)
             if all(qa.question != q.question for q in qas):
                 qas.append(qa)
-            if len(qas) == turns:
+            if len(qas) == count:
                 break
         meta: dict[str, Any] = {"turns": [qa.task for qa in qas]}
     else:

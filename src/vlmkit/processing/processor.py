@@ -108,12 +108,18 @@ class VLMProcessor:
         train: bool = False,
         name: str = "sample",
         max_length: int | None = None,
+        pixels: bool = True,
     ) -> EncodedSample:
-        """Encode one conversation. ``train=True`` also builds labels (assistant tokens only, -100 elsewhere)."""
+        """Encode one conversation. ``train=True`` also builds labels (assistant tokens only, -100 elsewhere).
+
+        ``pixels=False`` leaves ``pixel_values`` None (the images are transformed later, e.g. per batch)."""
         flat, sources = flatten_messages(messages, images, self.image_token)
         chat = self.chat.encode(flat, train=train, name=name)
-        pixel_values = self.load_images(sources)
-        counts = [self.num_image_tokens(p) for p in pixel_values] if pixel_values is not None else []
+        pixel_values = self.load_images(sources) if pixels else None
+        if pixels:
+            counts = [self.num_image_tokens(p) for p in pixel_values] if pixel_values is not None else []
+        else:
+            counts = [self.tokens_per_image] * len(sources)
         found = chat.input_ids.count(self.image_token_id)
         if found != len(counts):
             raise ImageTokenMismatchError(

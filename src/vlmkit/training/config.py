@@ -26,6 +26,7 @@ from vlmkit.errors import ConfigError
 COMPONENTS = ("vision", "projector", "language_model")
 """Config names of the three model components (``vision`` is the model's ``vision_tower``)."""
 Policy = Literal["frozen", "full", "lora"]
+Objective = Literal["lm", "grid_labels"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
@@ -103,6 +104,9 @@ class StageConfig:
 
     name: str = "stage"
     data: list[DataSource] = field(default_factory=list)
+    objective: Objective = "lm"
+    """``lm``: next-token loss on the assistant turns. ``grid_labels``: vision pretraining on the ShapesWorld
+    ground truth of the records (``meta.truth``), the tower alone (:mod:`vlmkit.training.grid_labels`)."""
     policy: PolicySpec = field(default_factory=PolicySpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
     lr: float = 1e-3
@@ -182,6 +186,13 @@ def _validate_stage(stage: StageConfig, where: str) -> None:
         raise ConfigError(f"{where}.module_lr: unknown component(s) {unknown}; valid: {', '.join(COMPONENTS)}")
     if stage.policy.projector == "lora":
         raise ConfigError(f"{where}.policy.projector: LoRA is for the vision tower and the LM; use 'full' or 'frozen'")
+    if stage.objective == "grid_labels" and (
+        stage.policy.vision != "full" or stage.policy.projector != "frozen" or stage.policy.language_model != "frozen"
+    ):
+        raise ConfigError(
+            f"{where}: objective grid_labels trains the vision tower alone; set policy "
+            "{vision: full, projector: frozen, language_model: frozen}"
+        )
     if all(getattr(stage.policy, c) == "frozen" for c in COMPONENTS):
         raise ConfigError(f"{where}: every component is frozen; nothing would train")
     positive = {"lr": stage.lr, "batch_size": stage.batch_size, "grad_accum": stage.grad_accum}

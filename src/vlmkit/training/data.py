@@ -62,9 +62,12 @@ class SourceData:
     skipped: Counter[str] = field(default_factory=Counter)
 
 
-def read_samples(source: DataSource) -> Any:
+def read_samples(source: DataSource, decode_images: bool = True) -> Any:
     """Open a source's dataset (any format); a missing path raises DataError."""
-    return open_dataset(source.path, source.format, image_root=source.image_root, skip_bad=source.skip_bad)
+    return open_dataset(
+        source.path, source.format, image_root=source.image_root, skip_bad=source.skip_bad,
+        decode_images=decode_images,
+    )  # fmt: skip
 
 
 def check_source(source: DataSource, where: str) -> None:
@@ -88,7 +91,7 @@ def encode_source(source: DataSource, processor: VLMProcessor, max_length: int |
         if source.limit is not None and len(out.samples) >= source.limit:
             break
         try:
-            encoded = processor.encode(sample.messages, sample.images, train=True, name=sample.id)
+            encoded = processor.encode(sample.messages, sample.images, train=True, name=sample.id, pixels=False)
         except ProcessingError as exc:
             if not source.skip_bad:
                 raise DataError(f"{where}: sample {sample.id!r}: {exc}") from exc

@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_model, save_model
 
 from vlmkit.data.sample import IMAGE_TOKEN
-from vlmkit.errors import ConfigError, VlmkitError
+from vlmkit.errors import ConfigError, DataError, VlmkitError
 from vlmkit.models.compose import load_pretrained
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.processor import VLMProcessor
@@ -152,7 +152,7 @@ class _StopFlag:
 def _sample_texts(config: TrainConfig) -> Iterator[str]:
     for stage in config.stages:
         for source in stage.data:
-            for sample in read_samples(source):
+            for sample in read_samples(source, decode_images=False):
                 for message in sample.messages:
                     yield str(message["content"]).replace(IMAGE_TOKEN, " ")
 
@@ -284,6 +284,8 @@ class Trainer:
     # -- one stage ------------------------------------------------------------------------------------------
     def _run_stage(self, index: int, state: dict[str, Any] | None, resume_from: Path | None) -> StageResult:
         stage, env = self.config.stages[index], self.env
+        if stage.objective == "grid_labels":
+            return self._run_grid_stage(index, state)
         sources = load_stage_data(stage, self.processor, index)
         global_batch = stage.batch_size * stage.grad_accum * env.world_size
         plan = BatchPlan(
@@ -367,6 +369,82 @@ class Trainer:
                     "plot": str(plot) if plot else None})  # fmt: skip
         del model
         return StageResult(stage.name, step - start, counts, pad_before, pad_after, samples, dict(skipped), plot)
+
+    def _run_grid_stage(self, index: int, state: dict[str, Any] | None) -> StageResult:
+        """A ``grid_labels`` stage: the tower learns per-cell labels with temporary heads (one process).
+
+        It checkpoints only at its end; stopped midway, a resumed run starts the stage again."""
+        from vlmkit.training.grid_labels import GridLabelObjective, load_grid_batch, truth_of
+
+        stage, env = self.config.stages[index], self.env
+        where = f"stage {stage.name!r} (stages.{index})"
+        if env.distributed:
+            raise ConfigError(f"{where}: the grid_labels objective runs in one process; start it without torchrun")
+        pool: list[Any] = []
+        for source in stage.data:
+            samples = [s for s, _ in zip(read_samples(source), range(source.limit or 2**62), strict=False)]
+            pool += [s for s in samples if s.images]
+        for sample in pool:
+            truth_of(sample, where)  # every label is there before the first step
+        if len(pool) < stage.batch_size:
+            raise DataError(f"{where}: {len(pool)} samples with an image, fewer than batch_size {stage.batch_size}")
+        total = stage.steps or max(1, math.ceil((stage.epochs or 1.0) * len(pool) / stage.batch_size))
+        start = state["position"]["stage_step"] if state else 0
+        apply_policy(self.model, stage)
+        objective = GridLabelObjective(self.model.vision_tower).to(env.device).train()
+        params = [p for p in objective.parameters() if p.requires_grad]
+        lr = stage.module_lr.get("vision", stage.lr)
+        groups = [{"params": params, "lr": lr, "weight_decay": stage.weight_decay, "name": "vision"}]
+        optimizer, scheduler = build_optimizer(groups, stage, total)
+        amp_dtype = resolve_precision(stage.precision, env.device)
+        scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
+        counts = trainable_counts(self.model)
+        log.info("stage %d %r: grid_labels on %d images, %d steps of %d, lr %g", index, stage.name, len(pool),
+                 total, stage.batch_size, lr)  # fmt: skip
+        self._emit({"event": "stage_start", "step": self.global_step, "stage": stage.name, "stage_index": index,
+                    "steps": total, "global_batch": stage.batch_size, "samples": len(pool), "trainable": counts,
+                    "objective": stage.objective})  # fmt: skip
+        rng = np.random.default_rng([self.config.seed, index])
+        order = [rng.choice(len(pool), size=stage.batch_size, replace=False) for _ in range(total)]
+        context = dict(stage=stage, index=index, optimizer=optimizer, scheduler=scheduler, scaler=scaler, total=total)
+        step = start
+        with self._progress(stage, total, start) as bar:
+            while step < total and not self.stop.signal:
+                started = time.perf_counter()
+                pixels, targets = load_grid_batch(self.processor, [pool[i] for i in order[step]], where)
+                with torch.autocast(env.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss, accuracy = objective(pixels.to(env.device), targets)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm or math.inf))
+                lr_now = optimizer.param_groups[0]["lr"]
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                self.global_step += 1
+                elapsed = time.perf_counter() - started
+                record = {"event": "step", "loss": float(loss.detach()), "lr": lr_now, "lrs": {"vision": lr_now},
+                          "grad_norm": grad_norm, "accuracy": accuracy, "samples": stage.batch_size,
+                          "step_time_s": elapsed,
+                          "samples_per_s": stage.batch_size / elapsed, "step": self.global_step,
+                          "stage": stage.name, "stage_step": step}  # fmt: skip
+                self.losses.append(record["loss"])
+                if self.global_step % self.config.log_every == 0 or step == total:
+                    self._emit(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr_now:.2e}")
+        self.model.vision_tower.requires_grad_(False)
+        if step < total:
+            log.warning("stopped during grid_labels stage %r; a resumed run starts this stage again", stage.name)
+            return StageResult(stage.name, step - start, counts, 0.0, 0.0, len(pool))
+        if start < total:
+            self._save(step, **context)
+        plot = self._plot(stage, index)
+        self._emit({"event": "stage_end", "step": self.global_step, "stage": stage.name, "stage_step": step,
+                    "plot": str(plot) if plot else None})  # fmt: skip
+        return StageResult(stage.name, step - start, counts, 0.0, 0.0, len(pool), plot=plot)
 
     def _log_stage_start(self, stage, index, counts, total, global_batch, samples, pad_before, pad_after, optimizer):
         training = [c for c, n in counts.items() if n["trainable"]]
