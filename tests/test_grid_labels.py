@@ -49,7 +49,7 @@ def test_cell_labels_follow_the_scene():
             assert labels["shape"][c] == IGNORE and not has_box[c]
         else:
             assert labels["kind"][c] == 0 and labels["shape"][c] == IGNORE and not has_box[c]
-    batch = stack_targets([scene.to_dict(), sample_scene("train", 0, 1).to_dict()])
+    batch = stack_targets([cell_labels(scene.to_dict()), cell_labels(sample_scene("train", 0, 1).to_dict())])
     assert batch.labels["shape"].shape == (2, 9) and batch.boxes.shape == (2, 9, 4)
     assert batch.has_box.dtype == torch.bool
 

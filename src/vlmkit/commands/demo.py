@@ -22,8 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.api import load
     from vlmkit.inference.describe import describe
 
-    name = "default"
-    vlm = load(name)
+    vlm = load("default")
     if vlm.notice:
         print(f"note: {vlm.notice}", file=sys.stderr)
     images = example_images()
@@ -33,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         for line in out.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
             print(f"{Path(record['image']).name}: {record['text']!r} ({record['tokens']} tokens)")
-    print(f"\n{summary.described} images described in {summary.seconds:.2f} s with model {name!r}", file=sys.stderr)
+    print(f"\n{summary.described} images described in {summary.seconds:.2f} s with model 'default'", file=sys.stderr)
     return 0
 
 

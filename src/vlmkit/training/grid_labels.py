@@ -10,7 +10,6 @@ stages only have to teach the LM to read them (docs/default-model.md measures wh
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,9 +22,6 @@ from torch import nn
 from vlmkit.data.shapes import CELLS, COLOURS, SHAPES, SIZES, WORDS
 from vlmkit.errors import DataError
 from vlmkit.models.vision import VisionTower
-from vlmkit.processing.processor import VLMProcessor
-
-log = logging.getLogger(__name__)
 
 GRID = 3
 IGNORE = -100
@@ -46,7 +42,11 @@ class GridTargets:
     has_box: torch.Tensor
 
 
-def cell_labels(truth: dict[str, Any]) -> tuple[dict[str, list[int]], list[list[float]], list[bool]]:
+CellLabels = tuple[dict[str, list[int]], list[list[float]], list[bool]]
+"""One scene's labels per head, object boxes and which cells have a box (see :func:`cell_labels`)."""
+
+
+def cell_labels(truth: dict[str, Any]) -> CellLabels:
     """The labels of the 9 cells of one scene's ground truth (``Scene.to_dict()``); DataError if malformed."""
     try:
         size = float(truth["image_size"])
@@ -73,9 +73,9 @@ def cell_labels(truth: dict[str, Any]) -> tuple[dict[str, list[int]], list[list[
     return labels, boxes, has_box
 
 
-def stack_targets(truths: Iterable[dict[str, Any]]) -> GridTargets:
-    """Batch the labels of several scenes' ground truths."""
-    rows = [cell_labels(t) for t in truths]
+def stack_targets(rows: Iterable[CellLabels]) -> GridTargets:
+    """Batch the :func:`cell_labels` of several scenes."""
+    rows = list(rows)
     labels = {name: torch.tensor([r[0][name] for r in rows]) for name in HEADS}
     return GridTargets(labels, torch.tensor([r[1] for r in rows]), torch.tensor([r[2] for r in rows]))
 
@@ -147,11 +147,3 @@ def truth_of(sample: Any, where: str) -> dict[str, Any]:
             "ShapesWorld records (vlmkit data synth)"
         )
     return truth
-
-
-def load_grid_batch(processor: VLMProcessor, samples: list[Any], where: str) -> tuple[torch.Tensor, GridTargets]:
-    """Pixels of each sample's first image and the labels of its scene."""
-    pixels = processor.load_images([s.images[0] for s in samples])
-    if pixels is None:
-        raise DataError(f"{where}: grid_labels samples need an image")
-    return pixels, stack_targets(truth_of(s, where) for s in samples)

@@ -374,7 +374,7 @@ class Trainer:
         """A ``grid_labels`` stage: the tower learns per-cell labels with temporary heads (one process).
 
         It checkpoints only at its end; stopped midway, a resumed run starts the stage again."""
-        from vlmkit.training.grid_labels import GridLabelObjective, load_grid_batch, truth_of
+        from vlmkit.training.grid_labels import GridLabelObjective, cell_labels, stack_targets, truth_of
 
         stage, env = self.config.stages[index], self.env
         where = f"stage {stage.name!r} (stages.{index})"
@@ -384,8 +384,7 @@ class Trainer:
         for source in stage.data:
             samples = [s for s, _ in zip(read_samples(source), range(source.limit or 2**62), strict=False)]
             pool += [s for s in samples if s.images]
-        for sample in pool:
-            truth_of(sample, where)  # every label is there before the first step
+        labels = [cell_labels(truth_of(s, where)) for s in pool]  # every label checked before the first step
         if len(pool) < stage.batch_size:
             raise DataError(f"{where}: {len(pool)} samples with an image, fewer than batch_size {stage.batch_size}")
         total = stage.steps or max(1, math.ceil((stage.epochs or 1.0) * len(pool) / stage.batch_size))
@@ -411,7 +410,8 @@ class Trainer:
         with self._progress(stage, total, start) as bar:
             while step < total and not self.stop.signal:
                 started = time.perf_counter()
-                pixels, targets = load_grid_batch(self.processor, [pool[i] for i in order[step]], where)
+                pixels = self.processor.load_images([pool[i].images[0] for i in order[step]])
+                targets = stack_targets(labels[i] for i in order[step])
                 with torch.autocast(env.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     loss, accuracy = objective(pixels.to(env.device), targets)
                 scaler.scale(loss).backward()
