@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: default-model setup demo test test-fast bench lint format clean
+.PHONY: default-model default-model-data default-model-proxy setup demo test test-fast bench lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,16 +18,28 @@ setup: $(STAMP)
 
 # The built-in model (docs/default-model.md): data, training, shipping into the package, then its evaluation.
 DEFAULT_TASKS := caption,exist,attribute,position,count,grounding,text
-default-model: $(STAMP)
-	rm -rf runs/default data/default
-	@date +"start %s" > runs-default-time.txt
+default-model-data: $(STAMP)
+	rm -rf data/default
 	$(PY) -m vlmkit data synth --out data/default/single --n 40000 --seed 0 --tasks $(DEFAULT_TASKS) --workers 2
 	$(PY) -m vlmkit data synth --out data/default/multi --n 30000 --seed 1 --tasks multiturn --turns 4-8 --workers 2
+
+default-model: $(STAMP)
+	rm -rf runs/default
+	@date +"start %s" > runs-default-time.txt
+	$(MAKE) default-model-data
 	OMP_NUM_THREADS=2 $(PY) -m vlmkit train recipes/default.yaml
 	@date +"end %s" >> runs-default-time.txt
 	@mv runs-default-time.txt runs/default/time.txt
 	rm -rf src/vlmkit/assets/default && cp -r runs/default/final src/vlmkit/assets/default
-	$(PY) -m vlmkit eval --model default --suite shapesworld --n 300 --blank-images --out runs/default/eval
+	$(PY) -m vlmkit eval --model default --suite shapesworld --n 300 --blank-images --later-turns \
+		--out runs/default/eval
+
+# The recipe's fast proxy (docs/default-model.md): one A/B arm, e.g. make default-model-proxy ARM=base SET=""
+ARM ?= base
+SET ?=
+default-model-proxy: $(STAMP)
+	test -f data/default/multi/train.jsonl || $(MAKE) default-model-data
+	OMP_NUM_THREADS=2 $(PY) bench/default_model_proxy.py --name $(ARM) $(foreach s,$(SET),--set $(s))
 
 demo: $(STAMP)
 	$(PY) -m vlmkit demo

@@ -10,7 +10,7 @@ from PIL import Image
 import vlmkit
 from vlmkit.api import BUILTIN_DIR, NOTICES
 from vlmkit.cli import main
-from vlmkit.data.shapes import render_png, sample_scene
+from vlmkit.data.shapes import WORDS, render_png, sample_scene
 from vlmkit.processing.images import load_image
 
 
@@ -64,3 +64,22 @@ def test_it_reads_words_and_counts_objects_from_the_image(default):
     # blank images (same size and background): the answers no longer follow the scenes
     blank = [Image.new("RGB", (s.image_size, s.image_size), s.background) for s in with_word]
     assert set(_ask(default, blank, "What word is written in the image?")) == {"none"}
+
+
+def test_demo_describes_every_example_image_right(capsys):
+    """``make demo``'s output: every object (size, colour, shape) and the word of each example, nothing else."""
+    from vlmkit.commands.demo import EXAMPLE_SCENES, example_images
+    from vlmkit.evaluation.shapesworld import caption_objects
+
+    paths = example_images()
+    assert [p.name for p in paths] == [f"shapes-{k}.png" for k in range(len(EXAMPLE_SCENES))]
+    assert main(["demo"]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if line.startswith("shapes-"))
+    for path, (split, seed, index) in zip(paths, EXAMPLE_SCENES, strict=True):
+        scene = sample_scene(split, seed, index)
+        assert path.read_bytes() == render_png(scene)  # the shipped image is the scene the truth comes from
+        text = lines[path.name]
+        truth = sorted((o.size, o.colour, o.shape) for o in scene.objects)
+        assert sorted(caption_objects(text)) == truth, f"{path.name}: {text}"
+        words = [w for w in WORDS if f'"{w}"' in text]
+        assert words == ([scene.word.text] if scene.word else []), f"{path.name}: {text}"

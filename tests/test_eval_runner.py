@@ -354,6 +354,34 @@ def test_suite_oracle_and_blank_ablation(tmp_path):
     assert "blank images" in table and "existence F1 (adversarial)" in table and "grounding acc@0.5" in table
 
 
+def test_suite_later_turns_ask_the_same_questions_after_gold_turns(tmp_path):
+    first = list(iter_suite_samples(4, seed=0))
+    later = list(iter_suite_samples(4, seed=0, later_turns=True))
+    assert [s.id for s in later] == [s.id for s in first] and [s.prompt for s in later] == [s.prompt for s in first]
+    assert {s.reference["turn"] for s in later} == {2, 3, 4, 5}
+    gold = {(s.image.tobytes(), s.prompt): s.reference["answers"][0] for s in first}
+    for sample in later:
+        conversation = sample.conversation()
+        users = [m for m in conversation if m["role"] == "user"]
+        assert len(users) == sample.reference["turn"] and users[-1]["content"] == [
+            {"type": "text", "text": sample.prompt}
+        ]
+        assert users[0]["content"][0]["type"] == "image"  # the image once, first, as users give it
+        assert all(len(u["content"]) == 1 for u in users[1:])
+        for (question, answer), assistant in zip(sample.history, conversation[1::2], strict=True):
+            assert assistant == {"role": "assistant", "content": answer}
+            assert question != sample.prompt and gold[(sample.image.tobytes(), question)] == answer
+
+    def oracle(conversations):  # answers the last question from the image and the question alone
+        return [gold[(c[0]["content"][0]["image"].tobytes(), c[-1]["content"][-1]["text"])] for c in conversations]
+
+    report = evaluate_suite(oracle, n=4, seed=0, later_turns=True, batch_size=16, out_dir=tmp_path, progress=False)
+    assert report["later_turns"]["summary"] == report["summary"]
+    assert (tmp_path / "turns" / "predictions.jsonl").exists()
+    table = format_table(report)
+    assert "first turn" in table and "later turns" in table
+
+
 def test_suite_with_tiny_model_through_the_engine():
     api = pytest.importorskip("vlmkit.api")
     vlm = api.load("tiny-random", device="cpu")

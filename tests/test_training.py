@@ -13,7 +13,7 @@ from vlmkit.models.compose import load_pretrained
 from vlmkit.processing.processor import IGNORE_INDEX
 from vlmkit.training import load_config, train
 from vlmkit.training.config import COMPONENTS, LoraSpec, PolicySpec, StageConfig
-from vlmkit.training.data import BatchPlan, Collator, encode_source, pack_rows, padding_fraction
+from vlmkit.training.data import BatchPlan, Collator, encode_source, pack_rows, padding_fraction, turn_weights
 from vlmkit.training.model import apply_policy, param_groups, trainable_counts
 from vlmkit.training.optim import build_optimizer, lr_factor
 
@@ -148,6 +148,47 @@ def test_packed_batch_gives_the_same_loss(assets):
             inputs = {k: batch[k] for k in keys if k in batch}
             losses.append(float(model(**inputs, labels=batch["labels"], supervised_loss=True)["loss_sum"]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_turn_weights():
+    x = IGNORE_INDEX
+    labels = [7, x, 1, 2, 3, 4, x, x, 5, x, 6, 6]
+    assert turn_weights(labels, "token") == [0, 0, 1, 1, 1, 1, 0, 0, 1, 0, 1, 1]
+    assert turn_weights(labels, "turn") == [0, 0, 0.25, 0.25, 0.25, 0.25, 0, 0, 1, 0, 0.5, 0.5]
+    sqrt = turn_weights(labels, "turn_sqrt")
+    assert sqrt[2:6] == [0.5] * 4 and sqrt[8] == 1.0 and sqrt[10] == pytest.approx(2**-0.5)
+
+
+def test_weighted_loss_matches_per_turn_means_padded_and_packed(assets):
+    from vlmkit.training.config import DataSource
+
+    model, processor = load_pretrained(assets.base)
+    source = encode_source(DataSource(str(assets.mixed)), processor, None, "test")
+    samples = source.samples[:3] + source.samples[-4:]
+    batch = Collator(processor, loss_weighting="turn")(samples)
+    assert batch["loss_weights"].shape == batch["labels"].shape
+    keys = ("input_ids", "attention_mask", "pixel_values")
+    with torch.no_grad():
+        weighted = float(model(**{k: batch[k] for k in keys if k in batch}, labels=batch["labels"],
+                               supervised_loss=True, loss_weights=batch["loss_weights"])["loss_sum"])  # fmt: skip
+        # the same by hand: every assistant turn's mean token loss, summed
+        logits = model(**{k: batch[k] for k in keys if k in batch}).logits.float()
+    terms = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none", ignore_index=IGNORE_INDEX
+    )
+    expected = 0.0
+    for row, sample in enumerate(samples):
+        weights = torch.tensor(sample.loss_weights("turn"))[1:]
+        expected += float((terms[row, : len(weights)] * weights).sum())
+    assert weighted == pytest.approx(expected, rel=1e-4)
+    turns = sum(round(sum(s.loss_weights("turn"))) for s in samples)
+    assert float(batch["loss_weights"].sum()) == pytest.approx(turns)
+    packed = Collator(processor, packing=True, loss_weighting="turn")(samples)
+    with torch.no_grad():
+        packed_loss = float(model(**{k: packed[k] for k in ("input_ids", "position_ids", "pixel_values")},
+                                  labels=packed["labels"], supervised_loss=True,
+                                  loss_weights=packed["loss_weights"])["loss_sum"])  # fmt: skip
+    assert packed_loss == pytest.approx(weighted, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------- optimisation

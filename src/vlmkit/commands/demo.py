@@ -10,6 +10,8 @@ from importlib import resources
 from pathlib import Path
 
 EXAMPLES = "assets/examples"
+EXAMPLE_SCENES = (("val", 0, 0), ("val", 0, 1), ("val", 0, 4), ("val", 0, 7))
+"""The ShapesWorld scenes ``shapes-<k>.png`` show (held-out validation split): their ground truth, for tests."""
 
 
 def example_images() -> list[Path]:

@@ -23,8 +23,13 @@ def run(args: argparse.Namespace) -> int:
 
     common = {"batch_size": args.batch_size, "out_dir": args.out, "model_name": args.model, "progress": not args.quiet}
     if args.suite:
-        report = evaluate_suite(predictor, n=args.n, seed=args.seed, blank_images=args.blank_images, **common)
+        report = evaluate_suite(
+            predictor, n=args.n, seed=args.seed, blank_images=args.blank_images, later_turns=args.later_turns,
+            **common,
+        )  # fmt: skip
     else:
+        if args.later_turns:
+            raise ConfigError("--later-turns is for --suite shapesworld (a --task file holds single questions)")
         options = {k: v for k, v in (("prompt_suffix", args.prompt_suffix), ("box_format", args.box_format)) if v}
         report = evaluate(
             predictor, args.task, args.data, image_root=args.image_root, limit=args.limit,
@@ -46,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n", type=positive_int, default=500, help="suite: number of test images")
     parser.add_argument("--seed", type=int, default=0, help="suite: test-split seed")
     parser.add_argument("--blank-images", action="store_true", help="also ask with every image blanked (ablation)")
+    parser.add_argument(
+        "--later-turns", action="store_true", help="suite: also ask every question as the 2nd-5th turn of a chat"
+    )
     parser.add_argument("--limit", type=positive_int, help="score only the first N samples")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--max-new-tokens", type=positive_int, default=128)

@@ -8,6 +8,7 @@ returns one answer string per conversation. Any model fits behind one, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -132,7 +133,7 @@ def _blank_sample(sample: EvalSample) -> EvalSample:
     if image is None:
         return sample
     blank = blank_like(image if isinstance(image, Image.Image) else load_image(image))
-    return EvalSample(sample.id, sample.prompt, blank, sample.reference, sample.where)
+    return dataclasses.replace(sample, image=blank)
 
 
 def _check_run(out: Path, run: dict[str, Any]) -> None:
@@ -315,12 +316,15 @@ def evaluate_suite(
     out_dir: str | Path | None = None,
     model_name: str = "",
     *,
+    later_turns: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``predictor`` on every ShapesWorld task type over the first ``n`` test images of ``seed``.
 
     With ``blank_images`` the same questions are also asked about blank images (same size and background) and
-    the report gains ``ablation.blank_images``; those predictions go to ``out_dir/blank/``.
+    the report gains ``ablation.blank_images``; those predictions go to ``out_dir/blank/``. With ``later_turns``
+    they are also asked as the 2nd to 5th turn of a conversation about the image (see
+    :mod:`vlmkit.evaluation.shapesworld`): the report gains ``later_turns``, predictions in ``out_dir/turns/``.
     """
     from vlmkit.evaluation.shapesworld import ShapesWorldSuite, iter_suite_samples, samples_digest
 
@@ -359,6 +363,17 @@ def evaluate_suite(
                 progress=progress,
             )
         }
+    if later_turns:
+        turns = list(iter_suite_samples(n, seed, later_turns=True))
+        report["later_turns"] = run_samples(
+            predictor,
+            task,
+            turns,
+            batch_size=batch_size,
+            out_dir=Path(out_dir) / "turns" if out_dir is not None else None,
+            run_info={**run_info, "data": run_info["data"] + ":later_turns", "data_sha256": samples_digest(turns)},
+            progress=progress,
+        )
     return _finish(report, out_dir)
 
 
@@ -388,13 +403,16 @@ def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def format_table(report: dict[str, Any], full: bool = False) -> str:
     """The report as a plain-text table: a header, then the summary metrics (all metrics with ``full``).
 
-    A blank-image ablation adds a second value column.
+    A blank-image ablation and later-turn questions add a value column each.
     """
     pick = (lambda r: _flatten(r["metrics"])) if full else (lambda r: r["summary"])
     columns = [("value", pick(report))]
     ablation = report.get("ablation", {}).get("blank_images")
     if ablation is not None:
         columns = [("images", columns[0][1]), ("blank images", pick(ablation))]
+    if report.get("later_turns") is not None:
+        columns[0] = ("first turn", columns[0][1])
+        columns.append(("later turns", pick(report["later_turns"])))
     names = list(dict.fromkeys(name for _, values in columns for name in values))
     width = max([len("metric"), *(len(n) for n in names)])
     counts = report.get("counts", {})

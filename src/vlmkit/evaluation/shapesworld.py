@@ -16,6 +16,10 @@ export-eval`` writes), asked without any prompt suffix, exactly as the built-in 
 
 ``blank_images`` replaces every image by a blank one of the same size and background colour: the ablation
 that shows how much of a score comes from the image rather than from language priors.
+
+``later_turns`` asks the same questions as the 2nd to 5th turn of a conversation about the image (cycling
+through the positions): the earlier turns are other questions of the same scene with their gold answers, the
+image given once, in the first user turn, as users write it.
 """
 
 from __future__ import annotations
@@ -68,14 +72,29 @@ def _blank(scene: Scene) -> Image.Image:
     return Image.new("RGB", (scene.image_size, scene.image_size), scene.background)
 
 
+LATER_TURNS = (2, 3, 4, 5)
+"""The turn positions a later-turn question is asked at, in rotation over a scene's items."""
+
+
+def _history(items: Sequence[EvalItem], index: int, turn: int) -> tuple[tuple[str, str], ...]:
+    """``turn - 1`` earlier turns for item ``index``: the scene's other short-answer items, in rotation."""
+    target = items[index]
+    others = [
+        it for k, it in enumerate(items) if k != index and it.task != "caption" and it.question != target.question
+    ]
+    start = index % len(others) if others else 0
+    picked = (others[start:] + others[:start])[: turn - 1]
+    return tuple((it.question, it.answer) for it in picked)
+
+
 def scene_samples(
-    scene: Scene, png: bytes, items: Sequence[EvalItem], *, blank_images: bool = False
+    scene: Scene, png: bytes, items: Sequence[EvalItem], *, blank_images: bool = False, later_turns: bool = False
 ) -> list[EvalSample]:
     """The suite's samples for one test scene (its evaluation items), sharing one in-memory image."""
     image = _blank(scene) if blank_images else load_image(png)
     objects = [[o.size, o.colour, o.shape] for o in scene.objects]
     samples = []
-    for item in items:
+    for index, item in enumerate(items):
         reference: dict[str, Any] = {"task": item.task, "answers": list(item.answers)}
         if item.task == "exist":
             reference.update(label=item.answer.lower(), category=item.category)
@@ -85,23 +104,31 @@ def scene_samples(
             reference.update(bbox=list(item.bbox or ()), size=[scene.image_size, scene.image_size])
         elif item.task == "caption":
             reference["objects"] = objects
-        samples.append(EvalSample(item.question_id, item.question, image, reference, f"scene {scene.id}"))
+        history: tuple[tuple[str, str], ...] = ()
+        if later_turns:
+            reference["turn"] = LATER_TURNS[index % len(LATER_TURNS)]
+            history = _history(items, index, reference["turn"])
+        sample = EvalSample(item.question_id, item.question, image, reference, f"scene {scene.id}", history)
+        samples.append(sample)
     return samples
 
 
-def iter_suite_samples(n: int, seed: int = 0, *, blank_images: bool = False) -> Iterator[EvalSample]:
-    """Samples of the first ``n`` test scenes of ``seed``, in order."""
+def iter_suite_samples(
+    n: int, seed: int = 0, *, blank_images: bool = False, later_turns: bool = False
+) -> Iterator[EvalSample]:
+    """Samples of the first ``n`` test scenes of ``seed``, in order (asked as later turns with ``later_turns``)."""
     from vlmkit.data.synth import iter_eval_items
 
     for scene, png, items in iter_eval_items(n, seed):
-        yield from scene_samples(scene, png, items, blank_images=blank_images)
+        yield from scene_samples(scene, png, items, blank_images=blank_images, later_turns=later_turns)
 
 
 def samples_digest(samples: Sequence[EvalSample]) -> str:
     """sha256 of the samples' ids, prompts and references: identifies the suite's data."""
     digest = hashlib.sha256()
     for s in samples:
-        digest.update(json.dumps([s.id, s.prompt, s.reference], sort_keys=True).encode() + b"\n")
+        fields = [s.id, s.prompt, s.reference, *([s.history] if s.history else [])]
+        digest.update(json.dumps(fields, sort_keys=True).encode() + b"\n")
     return digest.hexdigest()
 
 

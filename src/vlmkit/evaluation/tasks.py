@@ -52,14 +52,24 @@ class EvalSample:
     reference: dict[str, Any] = field(default_factory=dict)
     where: str = ""
     """``file:line`` (or another origin) for error messages."""
+    history: tuple[tuple[str, str], ...] = ()
+    """Earlier (question, answer) turns about the same image: the prompt is then asked as a later turn."""
 
     def conversation(self) -> list[dict[str, Any]]:
-        """The single user turn in content-parts form: the image (if any), then the prompt."""
-        content: list[dict[str, Any]] = []
-        if self.image is not None:
-            content.append({"type": "image", "image": self.image})
-        content.append({"type": "text", "text": self.prompt})
-        return [{"role": "user", "content": content}]
+        """The conversation in content-parts form: the image (if any) in the first user turn, then the earlier
+        turns of ``history``, then the prompt as the last user turn."""
+        questions = [q for q, _ in self.history] + [self.prompt]
+        answers = [a for _, a in self.history]
+        messages: list[dict[str, Any]] = []
+        for i, question in enumerate(questions):
+            content: list[dict[str, Any]] = []
+            if i == 0 and self.image is not None:
+                content.append({"type": "image", "image": self.image})
+            content.append({"type": "text", "text": question})
+            messages.append({"role": "user", "content": content})
+            if i < len(answers):
+                messages.append({"role": "assistant", "content": answers[i]})
+        return messages
 
 
 # ------------------------------------------------------------------------------------------- row validation

@@ -138,7 +138,7 @@ class DecodeBatch:
             attention_mask=mask,
             position_ids=positions,
             pixel_values=batch["pixel_values"].to(device) if "pixel_values" in batch else None,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -194,7 +194,7 @@ class DecodeBatch:
                 input_ids=torch.tensor(tokens, device=device)[:, None],
                 attention_mask=self.mask,
                 position_ids=self.next_pos[:, None],
-                past_key_values=self.cache,
+                cache=self.cache,
                 use_cache=True,
                 logits_to_keep=1,
             )

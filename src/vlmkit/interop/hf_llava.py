@@ -42,10 +42,43 @@ PARTS_TO_TEXT = (
 )
 _MARKER = "vlmkit_ns"
 
+# The ``after_each_question`` image layout (vlmkit.processing.chat.place_images) in Jinja, on string messages:
+# each user turn becomes its text pieces, stripped and joined by newlines, then its images, or those of the latest
+# user turn that had some. Applying it to messages already laid out changes nothing.
+AFTER_EACH_QUESTION = (
+    "{#- vlmkit image_layout: after_each_question -#}"
+    "{%- set layout_ns = namespace(messages=[], shown=0) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- set pieces = message['content'].split('<image>') -%}"
+    "{%- if pieces | length > 1 -%}{%- set layout_ns.shown = pieces | length - 1 -%}{%- endif -%}"
+    "{%- set text_ns = namespace(parts=[]) -%}"
+    "{%- for piece in pieces -%}{%- if piece.strip() -%}"
+    "{%- set text_ns.parts = text_ns.parts + [piece.strip()] -%}{%- endif -%}{%- endfor -%}"
+    "{%- set text_ns.parts = text_ns.parts + ['<image>'] * layout_ns.shown -%}"
+    "{%- set layout_ns.messages = layout_ns.messages + [{'role': 'user', 'content': text_ns.parts | join('\n')}] -%}"
+    "{%- else -%}{%- set layout_ns.messages = layout_ns.messages + [message] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = layout_ns.messages -%}"
+)
+LAYOUT_TEMPLATES = {"as_written": "", "after_each_question": AFTER_EACH_QUESTION}
+_LAYOUT_MARKER = "vlmkit image_layout: "
 
-def parts_template(template: str) -> str:
-    """``template`` made to accept content parts (idempotent)."""
-    return template if _MARKER in template else PARTS_TO_TEXT + template
+
+def parts_template(template: str, image_layout: str = "as_written") -> str:
+    """``template`` made to accept content parts and to place images as ``image_layout`` says (idempotent)."""
+    if _MARKER in template:
+        return template
+    return PARTS_TO_TEXT + LAYOUT_TEMPLATES[image_layout] + template
+
+
+def template_layout(template: str | None) -> str:
+    """The image layout an exported template applies (``as_written`` for any other template)."""
+    if template and _LAYOUT_MARKER in template:
+        name = template.split(_LAYOUT_MARKER, 1)[1].split(" ", 1)[0].strip("-#} ")
+        if name in LAYOUT_TEMPLATES:
+            return name
+    return "as_written"
 
 
 def check_expressible(model: VisionLanguageModel) -> None:
@@ -137,7 +170,7 @@ def export_hf_llava(model: VisionLanguageModel, processor: VLMProcessor, out: st
     weights = llava_state_dict(model, "original")
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer = processor.tokenizer
-    template = parts_template(processor.chat.template)
+    template = parts_template(processor.chat.template, processor.image_layout)
     tower = model.vision_tower
     hf_processor = LlavaProcessor(
         image_processor=_image_processor(processor, tower.model.config.patch_size),
@@ -259,6 +292,7 @@ def load_hf_llava(folder: str | Path, dtype: torch.dtype | None = None) -> tuple
         _read_image_config(folder, model.vision_tower.image_size),
         tokens_per_image=model.vision_tower.num_tokens(),
         image_token=tokenizer.convert_ids_to_tokens(hf.image_token_id),
+        image_layout=template_layout(template),  # type: ignore[arg-type]
     )
     return model.eval(), processor
 

@@ -45,13 +45,15 @@ def compose(
     feature_layer: int | list[int] = -2,
     select_strategy: str = "auto",
     resize_mode: str = "pad",
+    image_layout: str = "as_written",
     dtype: torch.dtype | None = None,
 ) -> tuple[VisionLanguageModel, VLMProcessor]:
     """Join a vision tower and a causal LM through a new projector; returns the model and its processor.
 
     ``vision`` and ``lm`` are hub ids or local folders (loaded with ``from_pretrained``) or configs (random
     init). The tokenizer defaults to the LM's; ``<image>`` is added to it when missing and the LM's embeddings
-    are resized to match.
+    are resized to match. ``image_layout`` is where the processor puts image tokens (``as_written`` or
+    ``after_each_question``; see :func:`vlmkit.processing.chat.place_images`).
     """
     v_source, v_hf = _part(vision, "vision")
     l_source, l_hf = _part(lm, "lm")
@@ -75,7 +77,12 @@ def compose(
 
     mean, std = normalisation_for(vision_config, tower.model.config.model_type)
     image_config = ImageTransformConfig(size=tower.image_size, resize_mode=resize_mode, mean=mean, std=std)  # type: ignore[arg-type]
-    processor = VLMProcessor(tokenizer, image_config, tokens_per_image=tower.num_tokens())
+    processor = VLMProcessor(
+        tokenizer,
+        image_config,
+        tokens_per_image=tower.num_tokens(),
+        image_layout=image_layout,  # type: ignore[arg-type]
+    )
     config = VLMConfig(
         vision=VisionConfig(
             source=v_source,

@@ -151,6 +151,7 @@ class VisionLanguageModel(nn.Module):
         image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         image_counts: torch.Tensor | None = None,
         supervised_loss: bool = False,
+        loss_weights: torch.Tensor | None = None,
         **lm_kwargs,
     ):
         """Logits (and the LM loss over ``labels`` != -100) of the LM on the spliced embeddings.
@@ -158,15 +159,20 @@ class VisionLanguageModel(nn.Module):
         Position ids default to the running count of attended tokens, so left padding gets correct positions.
         ``image_counts`` (images per row, from the processor) is accepted and unused: placement is by token.
         ``supervised_loss=True`` (training) returns ``{"loss_sum", "targets"}`` from
-        :meth:`supervised_loss_sum` instead, through ``forward`` so that DDP sees the call.
+        :meth:`supervised_loss_sum` instead, through ``forward`` so that DDP sees the call (``loss_weights``:
+        per-position weights of that sum).
         """
         if supervised_loss:
             if labels is None:
                 raise ConfigError("supervised_loss=True needs labels")
-            loss_sum, targets = self.supervised_loss_sum(input_ids, labels, attention_mask, pixel_values, position_ids)
+            loss_sum, targets = self.supervised_loss_sum(
+                input_ids, labels, attention_mask, pixel_values, position_ids, loss_weights
+            )
             return {"loss_sum": loss_sum, "targets": torch.tensor(targets)}
+        if loss_weights is not None:
+            raise ConfigError("loss_weights are for the supervised loss (supervised_loss=True)")
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features)
-        if position_ids is None and attention_mask is not None and lm_kwargs.get("past_key_values") is None:
+        if position_ids is None and attention_mask is not None and lm_kwargs.get("cache") is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return self.language_model(
             inputs_embeds=inputs_embeds,
@@ -183,8 +189,12 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Summed next-token cross-entropy (fp32) over ``labels`` != -100, and the number of those targets.
+
+        ``loss_weights`` (the shape of ``labels``) weights each position's term of the sum (the term predicting
+        ``labels[:, t]`` is weighted by ``loss_weights[:, t]``).
 
         For training: the LM head runs only at the supervised positions instead of over the whole sequence (the
         image and prompt tokens, usually most of it), which saves time and the memory of full-vocabulary logits.
@@ -203,7 +213,11 @@ class VisionLanguageModel(nn.Module):
                 inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state
             picked = self.language_model.get_output_embeddings()(hidden[:, :-1][targets]).float()
-        loss = F.cross_entropy(picked, shift_labels[targets], reduction="sum")
+        if loss_weights is None:
+            loss = F.cross_entropy(picked, shift_labels[targets], reduction="sum")
+        else:
+            terms = F.cross_entropy(picked, shift_labels[targets], reduction="none")
+            loss = (terms * loss_weights[:, 1:][targets].to(terms.dtype)).sum()
         return loss, int(targets.sum())
 
     def _head_only_supported(self) -> bool:

@@ -13,7 +13,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from vlmkit.config import config_from_dict, config_to_dict
 from vlmkit.errors import CheckpointError, ImageTokenMismatchError, ProcessingError
-from vlmkit.processing.chat import DEFAULT_TEMPLATE_TOKENS, IMAGE_TOKEN, ChatEncoder, flatten_messages
+from vlmkit.processing.chat import (
+    DEFAULT_TEMPLATE_TOKENS,
+    IMAGE_LAYOUTS,
+    IMAGE_TOKEN,
+    ChatEncoder,
+    ImageLayout,
+    flatten_messages,
+    place_images,
+)
 from vlmkit.processing.images import DEFAULT_MAX_PIXELS, ImageAccess, ImageTransform, ImageTransformConfig, load_image
 
 log = logging.getLogger(__name__)
@@ -30,6 +38,9 @@ class EncodedSample:
     labels: list[int] | None
     pixel_values: torch.Tensor | None  # (num_images, 3, H, W)
     image_token_counts: list[int]
+    image_order: list[int] | None = None
+    """For each image run of ``input_ids``, the index of its image among those given (the processor's image
+    layout may show an image again); None: the given order."""
 
     @property
     def num_images(self) -> int:
@@ -62,7 +73,9 @@ class VLMProcessor:
     """Turns chat messages with images into ``input_ids``, ``labels``, ``attention_mask`` and ``pixel_values``.
 
     ``<image>`` markers become ``tokens_per_image`` placeholder ids each, so sequence positions line up with the
-    image features the model splices in.
+    image features the model splices in. ``image_layout`` says where image tokens go (see
+    :func:`~vlmkit.processing.chat.place_images`): ``as_written``, or ``after_each_question`` (the built-in
+    model's).
     """
 
     def __init__(
@@ -72,7 +85,10 @@ class VLMProcessor:
         tokens_per_image: int,
         image_token: str = IMAGE_TOKEN,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        image_layout: ImageLayout = "as_written",
     ) -> None:
+        if image_layout not in IMAGE_LAYOUTS:
+            raise ProcessingError(f"unknown image_layout {image_layout!r}; valid layouts: {', '.join(IMAGE_LAYOUTS)}")
         prepare_tokenizer(tokenizer, image_token)
         self.tokenizer = tokenizer
         self.chat = ChatEncoder(tokenizer)
@@ -82,6 +98,7 @@ class VLMProcessor:
         self.image_token = image_token
         self.image_token_id: int = tokenizer.convert_tokens_to_ids(image_token)
         self.max_pixels = max_pixels
+        self.image_layout: ImageLayout = image_layout
         self.image_access = ImageAccess()  # where images may come from; a server narrows it
         pad = tokenizer.pad_token_id
         self.pad_token_id: int = pad if pad is not None else (tokenizer.eos_token_id or 0)
@@ -93,12 +110,17 @@ class VLMProcessor:
         return self.tokens_per_image
 
     def load_images(self, sources: list[Any]) -> torch.Tensor | None:
-        """Load and transform image sources into a ``(N, 3, size, size)`` tensor (None for no images)."""
+        """Load and transform image sources into a ``(N, 3, size, size)`` tensor (None for no images).
+
+        A source object that appears several times (an image shown again) is loaded once."""
         if not sources:
             return None
-        return torch.stack(
-            [self.image_transform(load_image(s, max_pixels=self.max_pixels, access=self.image_access)) for s in sources]
-        )
+        loaded: dict[int, torch.Tensor] = {}
+        for s in sources:
+            if id(s) not in loaded:
+                image = load_image(s, max_pixels=self.max_pixels, access=self.image_access)
+                loaded[id(s)] = self.image_transform(image)
+        return torch.stack([loaded[id(s)] for s in sources])
 
     def encode(
         self,
@@ -113,7 +135,9 @@ class VLMProcessor:
         """Encode one conversation. ``train=True`` also builds labels (assistant tokens only, -100 elsewhere).
 
         ``pixels=False`` leaves ``pixel_values`` None (the images are transformed later, e.g. per batch)."""
-        flat, sources = flatten_messages(messages, images, self.image_token)
+        flat, given = flatten_messages(messages, images, self.image_token)
+        flat, order = place_images(flat, self.image_layout, self.image_token)
+        sources = [given[i] for i in order]
         chat = self.chat.encode(flat, train=train, name=name)
         pixel_values = self.load_images(sources) if pixels else None
         if pixels:
@@ -140,7 +164,7 @@ class VLMProcessor:
         if max_length is not None and len(ids) > max_length:
             raise ProcessingError(f"{name}: {len(ids)} tokens (images included) is over the limit of {max_length}")
         labels = [t if s else IGNORE_INDEX for t, s in zip(ids, supervised, strict=True)] if train else None
-        return EncodedSample(ids, labels, pixel_values, counts)
+        return EncodedSample(ids, labels, pixel_values, counts, order)
 
     # -- batches --------------------------------------------------------------------------------------------
     def collate(
@@ -203,6 +227,7 @@ class VLMProcessor:
             "tokens_per_image": self.tokens_per_image,
             "image_token": self.image_token,
             "max_pixels": self.max_pixels,
+            "image_layout": self.image_layout,
         }
         (folder / PROCESSOR_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
@@ -221,4 +246,5 @@ class VLMProcessor:
             data["tokens_per_image"],
             data.get("image_token", IMAGE_TOKEN),
             data.get("max_pixels", DEFAULT_MAX_PIXELS),
+            data.get("image_layout", "as_written"),
         )

@@ -27,6 +27,7 @@ COMPONENTS = ("vision", "projector", "language_model")
 """Config names of the three model components (``vision`` is the model's ``vision_tower``)."""
 Policy = Literal["frozen", "full", "lora"]
 Objective = Literal["lm", "grid_labels"]
+LossWeighting = Literal["token", "turn", "turn_sqrt"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
@@ -51,6 +52,9 @@ class ModelSpec:
     feature_layer: int | list[int] = -2
     select_strategy: Literal["auto", "default", "full"] = "auto"
     resize_mode: Literal["pad", "resize"] = "pad"
+    image_layout: Literal["as_written", "after_each_question"] | None = None
+    """Where the processor puts image tokens (:func:`vlmkit.processing.chat.place_images`); None keeps the
+    checkpoint's own layout, or ``as_written`` for a new model."""
 
     def validate(self) -> None:
         if self.checkpoint and (self.vision is not None or self.lm is not None):
@@ -107,6 +111,10 @@ class StageConfig:
     objective: Objective = "lm"
     """``lm``: next-token loss on the assistant turns. ``grid_labels``: vision pretraining on the ShapesWorld
     ground truth of the records (``meta.truth``), the tower alone (:mod:`vlmkit.training.grid_labels`)."""
+    loss_weighting: LossWeighting = "token"
+    """How the ``lm`` loss averages over supervised tokens: ``token`` (every token counts the same, as LLaVA),
+    ``turn`` (every assistant turn counts the same, whatever its length) or ``turn_sqrt`` (a turn of n tokens
+    weighs sqrt(n), each token 1/sqrt(n): InternVL 2.5's square averaging)."""
     policy: PolicySpec = field(default_factory=PolicySpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
     lr: float = 1e-3

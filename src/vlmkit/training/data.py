@@ -21,7 +21,7 @@ from PIL import Image
 from vlmkit.data.formats import open_dataset
 from vlmkit.errors import DataError, ProcessingError
 from vlmkit.processing.processor import IGNORE_INDEX, EncodedSample, VLMProcessor
-from vlmkit.training.config import DataSource, StageConfig
+from vlmkit.training.config import DataSource, LossWeighting, StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,30 @@ class TrainSample:
     def targets(self) -> int:
         """Tokens the loss is taken on (a label at position 0 has nothing before it to predict it)."""
         return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
+
+    def loss_weights(self, weighting: LossWeighting) -> list[float]:
+        """The weight of each position's loss term (0 where nothing is predicted); see :func:`turn_weights`."""
+        return turn_weights(self.labels, weighting)
+
+
+def turn_weights(labels: list[int], weighting: LossWeighting) -> list[float]:
+    """Per-position loss weights for ``labels``: 1 per supervised token (``token``), ``1/n`` (``turn``) or
+    ``1/sqrt(n)`` (``turn_sqrt``) for each token of a turn of ``n`` supervised tokens in a row. Position 0
+    predicts nothing and weighs 0."""
+    weights = [0.0] * len(labels)
+    k = 1
+    while k < len(labels):
+        if labels[k] == IGNORE_INDEX:
+            k += 1
+            continue
+        end = k
+        while end < len(labels) and labels[end] != IGNORE_INDEX:
+            end += 1
+        n = end - k
+        w = 1.0 if weighting == "token" else (1.0 / n if weighting == "turn" else n**-0.5)
+        weights[k:end] = [w] * n
+        k = end
+    return weights
 
 
 @dataclass
@@ -97,7 +121,10 @@ def encode_source(source: DataSource, processor: VLMProcessor, max_length: int |
                 raise DataError(f"{where}: sample {sample.id!r}: {exc}") from exc
             out.skipped["unencodable"] += 1
             continue
-        item = TrainSample(encoded.input_ids, encoded.labels or [], encoded.image_token_counts, list(sample.images))
+        images = list(sample.images)
+        order = encoded.image_order if encoded.image_order is not None else range(len(images))
+        item = TrainSample(encoded.input_ids, encoded.labels or [], encoded.image_token_counts,
+                           [images[i] for i in order])  # fmt: skip
         if max_length is not None and item.length > max_length:
             out.skipped["too_long"] += 1
         elif item.targets == 0:
@@ -282,9 +309,10 @@ def padding_fraction(plan: BatchPlan, steps: int, world_size: int, accum: int, p
 class Collator:
     """Turns a micro-batch of :class:`TrainSample` into model inputs: right-padded, or packed into rows."""
 
-    def __init__(self, processor: VLMProcessor, packing: bool = False) -> None:
+    def __init__(self, processor: VLMProcessor, packing: bool = False, loss_weighting: LossWeighting = "token") -> None:
         self.processor = processor
         self.packing = packing
+        self.loss_weighting = loss_weighting
 
     def _pixels(self, sample: TrainSample) -> torch.Tensor | None:
         return self.processor.load_images(sample.images) if sample.images else None
@@ -296,10 +324,24 @@ class Collator:
             encoded = [EncodedSample(s.input_ids, s.labels, self._pixels(s), s.image_token_counts) for s in samples]
             batch = self.processor.collate(encoded, padding_side="right")
             batch.pop("image_counts", None)
+        if self.loss_weighting != "token":
+            batch["loss_weights"] = self._weights(samples, batch["labels"].shape)
         batch["num_samples"] = len(samples)
         batch["num_tokens"] = sum(s.length for s in samples)
         batch["num_targets"] = sum(s.targets for s in samples)
         return batch
+
+    def _weights(self, samples: list[TrainSample], shape: torch.Size) -> torch.Tensor:
+        """Loss weights laid out like the labels (packed rows: samples side by side, in packing order)."""
+        out = torch.zeros(shape)
+        rows = pack_rows([s.length for s in samples]) if self.packing else [[i] for i in range(len(samples))]
+        for r, row in enumerate(rows):
+            col = 0
+            for i in row:
+                weights = samples[i].loss_weights(self.loss_weighting)
+                out[r, col : col + len(weights)] = torch.tensor(weights)
+                col += len(weights)
+        return out
 
     def _packed(self, samples: list[TrainSample]) -> dict[str, Any]:
         """Rows of several samples; position ids restart per sample, which transformers' masks read as packed

@@ -53,7 +53,10 @@ def build_model(spec: ModelSpec, tokenizer: Any = None) -> tuple[VisionLanguageM
             feature_layer=spec.feature_layer,
             select_strategy=spec.select_strategy,
             resize_mode=spec.resize_mode,
+            image_layout=spec.image_layout or "as_written",
         )
+    if spec.checkpoint and spec.image_layout is not None:
+        processor.image_layout = spec.image_layout
     if spec.projector_checkpoint:
         model.load_projector(spec.projector_checkpoint)  # ConfigError when the dimensions differ
         log.info("loaded the projector from %s", spec.projector_checkpoint)
@@ -245,3 +248,4 @@ def load_adapter(model: VisionLanguageModel, folder: str | Path, component: str 
     owner, attr = _peft_target(model, component)
     with _quiet_peft():
         setattr(owner, attr, PeftModel.from_pretrained(getattr(owner, attr), str(path)))
+

@@ -309,6 +309,7 @@ class Trainer:
         if state is not None and resume_from is not None and (resume_from / ckpt.TRAINING_STATE).is_file():
             load_model(self.model, str(resume_from / ckpt.TRAINING_STATE), strict=True, device=str(env.device))
         self.model.to(env.device).train()
+        collator = Collator(self.processor, stage.packing, stage.loss_weighting)
         counts = trainable_counts(self.model)
         optimizer, scheduler = build_optimizer(param_groups(self.model, stage), stage, total)
         amp_dtype = resolve_precision(stage.precision, env.device)
@@ -324,7 +325,7 @@ class Trainer:
 
         model = dist_utils.wrap(self.model, env)
         loader = torch.utils.data.DataLoader(
-            MicroBatches(plan, sources, Collator(self.processor, stage.packing), start_step=start, stop_step=total,
+            MicroBatches(plan, sources, collator, start_step=start, stop_step=total,
                          rank=env.rank, world_size=env.world_size, accum=stage.grad_accum),
             batch_size=None, num_workers=self.config.num_workers, generator=torch.Generator(),
         )  # fmt: skip
@@ -480,13 +481,19 @@ class Trainer:
         items = plan.batch(step)
         targets = sum(sources[i].samples[j].targets for i, j in items)
         tokens = sum(sources[i].samples[j].length for i, j in items)
+        # the loss is the weighted mean over the global batch's targets: every micro-step divides by this sum
+        norm = (
+            float(targets)
+            if stage.loss_weighting == "token"
+            else sum(sum(sources[i].samples[j].loss_weights(stage.loss_weighting)) for i, j in items)
+        )
         loss_sum = 0.0
         for a in range(stage.grad_accum):
             batch = next(batches)
             sync = a == stage.grad_accum - 1 or not env.distributed
             with nullcontext() if sync else model.no_sync():
                 try:
-                    loss_sum += self._micro_step(model, batch, amp_dtype, scaler, targets)
+                    loss_sum += self._micro_step(model, batch, amp_dtype, scaler, norm)
                 except torch.OutOfMemoryError as exc:
                     optimizer.zero_grad(set_to_none=True)
                     raise TrainingError(
@@ -506,21 +513,22 @@ class Trainer:
         scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = dist_utils.all_reduce_sum(loss_sum, env) / max(1, targets)
+        loss = dist_utils.all_reduce_sum(loss_sum, env) / (norm or 1.0)
         first = optimizer.param_groups[0]["name"]
         return {"event": "step", "loss": loss, "lr": lrs[first], "lrs": lrs, "grad_norm": grad_norm,
                 "samples": len(items), "tokens": tokens, "targets": targets,
                 "epoch": (step + 1) * plan.global_batch / plan.epoch_size}  # fmt: skip
 
-    def _micro_step(self, model, batch: dict[str, Any], amp_dtype, scaler, targets: int) -> float:
+    def _micro_step(self, model, batch: dict[str, Any], amp_dtype, scaler, norm: float) -> float:
         """Forward + backward of one micro-batch; the loss is scaled so that gradients summed over micro-batches
-        and averaged over ranks equal those of the mean loss over the global batch's target tokens."""
+        and averaged over ranks equal those of the (weighted) mean loss over the global batch's target tokens;
+        ``norm`` is that batch's sum of target weights."""
         device = self.env.device
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids", "pixel_values")
-                  if k in batch}  # fmt: skip
+        keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "loss_weights")
+        inputs = {k: batch[k].to(device) for k in keys if k in batch}
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss_sum = model(**inputs, labels=batch["labels"].to(device), supervised_loss=True)["loss_sum"]
-        scale = self.env.world_size / max(1, targets)
+        scale = self.env.world_size / (norm or 1.0)
         scaler.scale(loss_sum * scale).backward()
         return float(loss_sum.detach())
 
