@@ -9,6 +9,7 @@ prints one JSON line per evaluation, then a JSON summary. Arms differ only by ``
     make default-model-data                                  # the recipe's data, once (data/default)
     python bench/default_model_proxy.py --name base --steps 500
     python bench/default_model_proxy.py --name lr1e-3 --steps 500 --set stages.1.lr=1e-3
+    python bench/default_model_proxy.py --name restart --stage 2 --start runs/proxy/recipe/final --steps 1000
 
 Overrides whose key starts with ``stages.0`` or ``model.vision`` change the tower: it is retrained (and cached
 under its own name) for that arm. ``--tower-steps`` shortens the tower stage for quick tower A/Bs.
@@ -70,7 +71,7 @@ def run_arm(args: argparse.Namespace) -> dict[str, Any]:
     raw = apply_overrides(read_config_file(args.recipe), args.set)
     root = Path(args.out)
     tower = Path(args.start) if args.start else tower_checkpoint(raw, root, args.tower_steps)
-    stage = dict(raw["stages"][1])
+    stage = dict(raw["stages"][args.stage])
     schedule = int(stage.get("steps") or args.steps)
     stage["steps"] = schedule
     model = {"checkpoint": str(tower)}
@@ -118,7 +119,7 @@ def run_arm(args: argparse.Namespace) -> dict[str, Any]:
         step = record["stage_step"]
         if step % args.eval_every == 0 or step == args.steps:
             evaluate(step)
-        return step >= args.steps
+        return step >= args.steps and args.steps < schedule  # a full schedule ends (and exports final) itself
 
     trainer = Trainer(config, callbacks=[callback])
     trainer.config.log_every = 1
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-n", type=int, default=60, help="held-out test images per evaluation")
     parser.add_argument("--eval-seed", type=int, default=7, help="test-split seed (the model card's table uses 0)")
     parser.add_argument("--tower-steps", type=int, help="shorten the tower stage (tower A/Bs)")
-    parser.add_argument("--start", help="start the instruct stage from this checkpoint instead of the cached tower")
+    parser.add_argument("--start", help="start the stage from this checkpoint instead of the cached tower")
+    parser.add_argument("--stage", type=int, default=1, help="the recipe's stage to run (2: the restart, with --start)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/proxy")
     args = parser.parse_args(argv)

@@ -271,6 +271,23 @@ def test_skip_bad_counts_every_reason(tmp_path):
     assert set(expected) <= set(PROBLEMS)
 
 
+def test_check_mode_validates_images_but_keeps_them_undecoded(tmp_path):
+    """Training reads with ``decode_images="check"``: a broken image is still caught, a good one stays a path."""
+    root = _file_root(tmp_path)
+    path = root / "d.jsonl"
+    records = [_good("good", "images/ok.png"), _good("bad", "images/corrupt.png"), _good("after", "images/ok.png")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(RecordError) as info:
+        list(open_dataset(path, decode_images="check"))
+    assert info.value.reason == "unreadable_image" and "corrupt.png" in str(info.value)
+    kept = list(open_dataset(path, decode_images="check", skip_bad=True))
+    assert [s.id for s in kept] == ["good", "after"]
+    for sample in kept:
+        (ref,) = sample.images
+        assert not isinstance(ref, Image.Image) and Path(ref) == root / "images" / "ok.png"
+    assert list(open_dataset(path, decode_images=False))[1].images == [root / "images" / "corrupt.png"]
+
+
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
     with tarfile.open(path, "w") as tar:
         for name, data in members:

@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from PIL import Image
 
@@ -193,7 +193,7 @@ class SampleDataset(ABC):
         image_root: str | Path | None = None,
         skip_bad: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        decode_images: bool = True,
+        decode_images: bool | Literal["check"] = True,
     ) -> None:
         self.path = Path(path)
         self.image_root = Path(image_root) if image_root is not None else self._default_root()
@@ -225,9 +225,10 @@ class SampleDataset(ABC):
         if not self.decode_images:
             return source  # a path or encoded bytes, unchecked: for readers that only need the text
         try:
-            return load_image(source, max_pixels=self.max_pixels)
+            image = load_image(source, max_pixels=self.max_pixels)
         except ImageError as exc:
             raise RecordError(where, "unreadable_image", f"image {name}: {exc}") from exc
+        return source if self.decode_images == "check" else image
 
     def _resolve_path(self, where: str, ref: Any) -> Path:
         """An image path under the data root; rejects paths that escape it and missing files."""
@@ -536,14 +537,16 @@ def open_dataset(
     image_root: str | Path | None = None,
     skip_bad: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    decode_images: bool = True,
+    decode_images: bool | Literal["check"] = True,
 ) -> SampleDataset:
     """Open a dataset in any supported format (auto-detected when ``format`` is None) for reading Samples.
 
     ``image_root`` is the folder image paths are relative to (and must stay inside); by default the folder of
     the JSON/JSONL file, the shard folder, or the datasets folder. ``skip_bad`` skips bad records, counting them
     in ``dataset.problems``, instead of raising :class:`RecordError`. ``decode_images=False`` leaves each image
-    as its path or encoded bytes, unchecked (much faster when only the text is needed).
+    as its path or encoded bytes, unchecked (much faster when only the text is needed); ``"check"`` decodes each
+    image to check it but still gives back its path or bytes (constant memory for large training sets: decode
+    again when the pixels are needed).
     """
     if format is None:
         format, path = detect_format(path)

@@ -12,11 +12,10 @@ import logging
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 
 from vlmkit.data.formats import open_dataset
 from vlmkit.errors import DataError, ProcessingError
@@ -41,7 +40,8 @@ class TrainSample:
     input_ids: list[int]
     labels: list[int]
     image_token_counts: list[int]
-    images: list[Image.Image]
+    images: list[Any]
+    """The images as given by the dataset: paths or encoded bytes (see :func:`read_samples`), decoded per batch."""
 
     @property
     def length(self) -> int:
@@ -86,8 +86,9 @@ class SourceData:
     skipped: Counter[str] = field(default_factory=Counter)
 
 
-def read_samples(source: DataSource, decode_images: bool = True) -> Any:
-    """Open a source's dataset (any format); a missing path raises DataError."""
+def read_samples(source: DataSource, decode_images: bool | Literal["check"] = "check") -> Any:
+    """Open a source's dataset (any format); a missing path raises DataError. By default each image is checked
+    and kept as its path or bytes (decoded again per batch), so a stage's data costs no pixel memory."""
     return open_dataset(
         source.path, source.format, image_root=source.image_root, skip_bad=source.skip_bad,
         decode_images=decode_images,

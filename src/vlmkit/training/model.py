@@ -248,4 +248,3 @@ def load_adapter(model: VisionLanguageModel, folder: str | Path, component: str 
     owner, attr = _peft_target(model, component)
     with _quiet_peft():
         setattr(owner, attr, PeftModel.from_pretrained(getattr(owner, attr), str(path)))
-
