@@ -289,8 +289,8 @@ def _place_word(rng: np.random.Generator, free_cells: list[int], image_size: int
             break
     font = _font(font_size)
     left, top, right, bottom = font.getbbox(text, anchor="mm")
-    jx = max(0, ((x1 - x0) - (right - left)) // 2 - _CELL_MARGIN - 2)
-    jy = max(0, ((y1 - y0) - (bottom - top)) // 2 - _CELL_MARGIN - 2)
+    jx = int(max(0, ((x1 - x0) - (right - left)) // 2 - _CELL_MARGIN - 2))
+    jy = int(max(0, ((y1 - y0) - (bottom - top)) // 2 - _CELL_MARGIN - 2))
     ax = (x0 + x1) // 2 + int(rng.integers(-jx, jx + 1))
     ay = (y0 + y1) // 2 + int(rng.integers(-jy, jy + 1))
     return WordLabel(text, CELLS[cell], _ink_box(text, font, (ax, ay), image_size), (ax, ay), font_size)

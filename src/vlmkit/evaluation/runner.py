@@ -123,7 +123,7 @@ def blank_like(image: Image.Image, background: tuple[int, ...] | None = None) ->
     """A blank RGB image of ``image``'s size in ``background`` (default: its top-left pixel's colour)."""
     rgb = image.convert("RGB")
     colour = background if background is not None else rgb.getpixel((0, 0))
-    return Image.new("RGB", rgb.size, colour)  # type: ignore[arg-type]
+    return Image.new("RGB", rgb.size, colour)
 
 
 def _blank_sample(sample: EvalSample) -> EvalSample:

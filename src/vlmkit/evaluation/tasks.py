@@ -90,9 +90,10 @@ def _answers(row: dict[str, Any], where: str, keys: Sequence[str] = ("answers",)
     raw = _get(row, keys, where, (list, tuple, str))
     items = [raw] if isinstance(raw, str) else list(raw)
     out = [a.get("answer") if isinstance(a, dict) else a for a in items]
-    if not out or not all(isinstance(a, str) for a in out):
+    answers = [a for a in out if isinstance(a, str)]
+    if not out or len(answers) != len(out):
         raise DataError(f"{where}: {keys[0]!r} must be a non-empty list of strings")
-    return out
+    return answers
 
 
 def _sample_id(row: dict[str, Any], where: str, fallback: str | None = None) -> str:

@@ -54,7 +54,7 @@ class Engine:
         results: list[GenerationResult | None] = [None] * len(conversations)
         for event in self.stream_batch(conversations, options, stream=False):
             if event.result is not None:
-                results[event.index] = event.result
+                results[event.index] = event.result  # type: ignore[call-overload]
         return results  # type: ignore[return-value]
 
     def stream_batch(
@@ -150,7 +150,7 @@ class DecodeBatch:
             self.rows = rows
         else:
             self.cache, self.mask = kv_cache.merge(self.cache, self.mask, cache, mask)
-            self.logits = torch.cat([self.logits, logits])
+            self.logits = torch.cat([self.logits, logits])  # type: ignore[list-item]
             self.next_pos = torch.cat([self.next_pos, positions[:, -1] + 1])
             self.rows += rows
 
@@ -167,9 +167,9 @@ class DecodeBatch:
             self.next_pos = self.next_pos[:0]
             return
         index = torch.tensor(keep, device=self.mask.device)
-        kv_cache.select_rows(self.cache, index)
-        self.mask = kv_cache.trim_padding(self.cache, self.mask[index])
-        self.next_pos, self.logits = self.next_pos[index], self.logits[index]
+        kv_cache.select_rows(self.cache, index)  # type: ignore[arg-type]
+        self.mask = kv_cache.trim_padding(self.cache, self.mask[index])  # type: ignore[arg-type]
+        self.next_pos, self.logits = self.next_pos[index], self.logits[index]  # type: ignore[index]
         self.rows = [self.rows[k] for k in keep]
 
     @torch.inference_mode()
@@ -179,9 +179,9 @@ class DecodeBatch:
         tokens: list[int] = []
         keep: list[int] = []
         # one argmax for all plain greedy rows; sampled or penalised rows choose one by one
-        argmax = self.logits.argmax(-1).tolist()
+        argmax = self.logits.argmax(-1).tolist()  # type: ignore[union-attr]
         for r, row in enumerate(self.rows):
-            token = argmax[r] if row.plain else row.choose(self.logits[r])
+            token = argmax[r] if row.plain else row.choose(self.logits[r])  # type: ignore[index]
             events += row.accept(token, self.engine.stop_ids)
             if row.result is None:
                 keep.append(r)

@@ -54,7 +54,7 @@ def is_transformers_vlm(folder: str | Path) -> bool:
 
 def _images_only(cls: type) -> type:
     """``cls`` without its video processor: transformers' video processors need torchvision, images don't."""
-    attributes = [name for name in cls.get_attributes() if "video" not in name]
+    attributes = [name for name in cls.get_attributes() if "video" not in name]  # type: ignore[attr-defined]
     return type(cls.__name__, (cls,), {"video_processor": None, "get_attributes": classmethod(lambda _: attributes)})
 
 
@@ -106,7 +106,7 @@ def load_transformers_vlm(
         raise CheckpointError(
             f"{name_or_path}: cannot load it as a transformers vision-language model ({exc})"
         ) from exc
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]
     processor = HFProcessor(load_hf_processor(name_or_path, config.model_type))
     return model, processor, HFEngine(model, processor)
 

@@ -70,7 +70,7 @@ class _Rows(StoppingCriteria):
             if not row.done:
                 for event in row.accept(token, self.stop_ids):
                     self.emit(event)
-        return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
+        return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 class _ChooseTokens(LogitsProcessor):

@@ -101,12 +101,12 @@ def llava_config(model: VisionLanguageModel) -> LlavaConfig:
     """The LlavaConfig equivalent of a vlmkit model."""
     tower = model.vision_tower
     text = model.language_model.config
-    return LlavaConfig(
+    return LlavaConfig(  # type: ignore[call-arg]
         vision_config=tower.model.config.to_dict(),
         text_config=text.to_dict(),
         image_token_id=model.image_token_id,
         projector_hidden_act="gelu",
-        vision_feature_select_strategy=tower.select_strategy,
+        vision_feature_select_strategy=tower.select_strategy,  # type: ignore[arg-type]
         vision_feature_layer=tower.feature_layer,
         image_seq_length=tower.num_tokens(),
         multimodal_projector_bias=True,
@@ -196,7 +196,7 @@ def export_hf_llava(model: VisionLanguageModel, processor: VLMProcessor, out: st
 def to_transformers_llava(model: VisionLanguageModel) -> LlavaForConditionalGeneration:
     """An in-memory ``LlavaForConditionalGeneration`` with this model's exact weights (for parity and benchmarks)."""
     check_expressible(model)
-    llava = LlavaForConditionalGeneration(llava_config(model)).to(model.dtype)
+    llava = LlavaForConditionalGeneration(llava_config(model)).to(model.dtype)  # type: ignore[arg-type]
     state = llava_state_dict(model, "model")
     missing, unexpected = llava.load_state_dict(state, strict=False)
     allowed = {"lm_head.weight"} if llava.config.tie_word_embeddings else set()
@@ -260,11 +260,11 @@ def load_hf_llava(folder: str | Path, dtype: torch.dtype | None = None) -> tuple
         raise CheckpointError(f"{folder}: projector activation {hf.projector_hidden_act!r}; vlmkit maps only 'gelu'")
     config = VLMConfig(
         vision=VisionConfig(
-            hf_config=hf.vision_config.to_dict(),
+            hf_config=hf.vision_config.to_dict(),  # type: ignore[union-attr]
             feature_layer=hf.vision_feature_layer,
             select_strategy=hf.vision_feature_select_strategy,
         ),
-        lm=LMConfig(hf_config=hf.text_config.to_dict()),
+        lm=LMConfig(hf_config=hf.text_config.to_dict()),  # type: ignore[union-attr]
         projector=ProjectorConfig(name="mlp2x_gelu"),
         image_token_id=hf.image_token_id,
     )
@@ -291,7 +291,7 @@ def load_hf_llava(folder: str | Path, dtype: torch.dtype | None = None) -> tuple
         tokenizer,
         _read_image_config(folder, model.vision_tower.image_size),
         tokens_per_image=model.vision_tower.num_tokens(),
-        image_token=tokenizer.convert_ids_to_tokens(hf.image_token_id),
+        image_token=tokenizer.convert_ids_to_tokens(hf.image_token_id),  # type: ignore[arg-type]
         image_layout=template_layout(template),  # type: ignore[arg-type]
     )
     return model.eval(), processor

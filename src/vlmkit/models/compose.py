@@ -58,8 +58,11 @@ def compose(
     v_source, v_hf = _part(vision, "vision")
     l_source, l_hf = _part(lm, "lm")
     vision_config = VisionConfig(
-        source=v_source, hf_config=v_hf, feature_layer=feature_layer, select_strategy=select_strategy
-    )  # type: ignore[arg-type]
+        source=v_source,
+        hf_config=v_hf,
+        feature_layer=feature_layer,
+        select_strategy=select_strategy,  # type: ignore[arg-type]  # checked by VisionConfig
+    )
     tower = VisionTower.from_config(vision_config, dtype=dtype)
     language_model = build_language_model(LMConfig(source=l_source, hf_config=l_hf), dtype=dtype)
 
@@ -70,7 +73,7 @@ def compose(
     if isinstance(tokenizer, str | Path):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     added = prepare_tokenizer(tokenizer, IMAGE_TOKEN)
-    rows = language_model.get_input_embeddings().weight.shape[0]
+    rows = int(language_model.get_input_embeddings().weight.shape[0])  # type: ignore[index]
     if len(tokenizer) > rows:
         log.info("adding %s to the tokenizer: resizing LM embeddings %d → %d", added, rows, len(tokenizer))
         language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)

@@ -59,7 +59,7 @@ def _tower_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     try:
-        return MODEL_MAPPING[type(config)]
+        return MODEL_MAPPING[type(config)]  # type: ignore[return-value]
     except KeyError as exc:
         raise ConfigError(f"no transformers vision model class for model_type {config.model_type!r}") from exc
 

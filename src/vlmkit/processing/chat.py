@@ -154,7 +154,7 @@ class ChatEncoder:
         self.template = chat_template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
+        return self.tokenizer.apply_chat_template(  # type: ignore[return-value]  # tokenize=False gives a str
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 

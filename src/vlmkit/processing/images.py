@@ -98,7 +98,7 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
     def __init__(self, access: ImageAccess) -> None:
         self.access = access
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
         if not newurl.startswith(("http://", "https://")):
             raise ImageError(f"image {describe_source(req.full_url)}: redirected to a non-http URL; refused")
         if not self.access.allow_private_hosts:

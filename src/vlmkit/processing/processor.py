@@ -96,7 +96,7 @@ class VLMProcessor:
         self.image_transform = ImageTransform(image_config)
         self.tokens_per_image = tokens_per_image
         self.image_token = image_token
-        self.image_token_id: int = tokenizer.convert_tokens_to_ids(image_token)
+        self.image_token_id = int(tokenizer.convert_tokens_to_ids(image_token))  # type: ignore[arg-type]
         self.max_pixels = max_pixels
         self.image_layout: ImageLayout = image_layout
         self.image_access = ImageAccess()  # where images may come from; a server narrows it
@@ -214,7 +214,7 @@ class VLMProcessor:
         return self.collate(encoded, padding_side or ("right" if train else "left"))
 
     def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
 
     # -- persistence ----------------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> None:

@@ -132,11 +132,11 @@ class Scheduler:
                 events = batch.step()
             except Exception as exc:  # keep serving: fail the running requests, start a fresh batch
                 log.exception("decoding step failed")
-                self._finish(list(batch.keys), exc)
+                self._finish(list(batch.keys), exc)  # type: ignore[arg-type]
                 batch = self.engine.new_batch()
                 continue
             for event in events:
-                ticket = self._active.get(event.index)  # type: ignore[arg-type]
+                ticket = self._active.get(event.index)  # type: ignore[call-overload]
                 if ticket is None:
                     continue
                 ticket.deliver(event)

@@ -92,8 +92,8 @@ def _messages(request: ChatCompletionRequest, max_images: int) -> list[dict[str,
                     )  # fmt: skip
         out.append({"role": role, "content": content})
     if images > max_images:
-        message = f"At most {max_images} image(s) may be provided in one prompt"
-        raise APIError(400, message, "messages", "too_many_images")
+        text = f"At most {max_images} image(s) may be provided in one prompt"
+        raise APIError(400, text, "messages", "too_many_images")
     return out
 
 
@@ -211,7 +211,11 @@ def create_app(vlm: Any, settings: ServerSettings) -> FastAPI:
         image_tokens = sum(encoded.image_token_counts)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
-        ticket = Ticket(encoded, options, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+
+        def deliver(event: StreamEvent | BaseException) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        ticket = Ticket(encoded, options, deliver)
         try:
             state["scheduler"].submit(ticket)
         except QueueFull as exc:

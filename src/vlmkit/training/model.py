@@ -146,7 +146,7 @@ def apply_policy(model: VisionLanguageModel, stage: StageConfig) -> None:
             owner, attr = _peft_target(model, component)
             config = LoraConfig(
                 r=stage.lora.r,
-                lora_alpha=stage.lora.alpha,
+                lora_alpha=stage.lora.alpha,  # type: ignore[arg-type]
                 lora_dropout=stage.lora.dropout,
                 target_modules=stage.lora.target_modules,
             )
@@ -162,7 +162,7 @@ def set_gradient_checkpointing(model: VisionLanguageModel, stage: StageConfig) -
     """Turn activation checkpointing on or off for the LM (always on the backward path) and a training tower."""
     targets = [("language_model", model.language_model), ("vision", model.vision_tower.model)]
     for component, module in targets:
-        base = module.get_base_model() if hasattr(module, "get_base_model") else module
+        base = module.get_base_model() if hasattr(module, "get_base_model") else module  # type: ignore[operator]
         on = stage.gradient_checkpointing and (component == "language_model" or stage.policy.vision != "frozen")
         if not getattr(base, "supports_gradient_checkpointing", False):
             if on:
@@ -182,7 +182,8 @@ def param_groups(model: VisionLanguageModel, stage: StageConfig) -> list[dict[st
     groups = []
     for component in COMPONENTS:
         lr = stage.module_lr.get(component, stage.lr)
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for param in getattr(model, MODULE_OF[component]).parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)

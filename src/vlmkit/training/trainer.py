@@ -414,7 +414,7 @@ class Trainer:
                 pixels = self.processor.load_images([pool[i].images[0] for i in order[step]])
                 targets = stack_targets(labels[i] for i in order[step])
                 with torch.autocast(env.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, accuracy = objective(pixels.to(env.device), targets)
+                    loss, accuracy = objective(pixels.to(env.device), targets)  # type: ignore[union-attr]
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm or math.inf))
