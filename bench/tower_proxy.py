@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.eval_every == 0 or step == total:
-            point = {"step": step, "minutes": round((time.perf_counter() - started) / 60, 2),
-                     "loss": round(float(loss), 4), **held_out(objective, processor, args.eval_n, 5)}  # fmt: skip
+            minutes = round((time.perf_counter() - started) / 60, 2)
+            point = {"step": step, "minutes": minutes, "loss": round(loss.item(), 4),
+                     **held_out(objective, processor, args.eval_n, 5)}  # fmt: skip
             curve.append(point)
             print(json.dumps(point), flush=True)
     out = Path(args.out)
