@@ -201,3 +201,35 @@ def test_cancelled_rows_leave_and_others_are_unaffected(engine):
     results = {}
     run_to_end(batch, results)
     assert list(results) == ["b"] and results["b"].token_ids == solo.token_ids
+
+
+EXTREMES = [{"top_p": 1e-300}, {"temperature": 1e-45}, {"temperature": 1e-45, "top_p": 1e-300}]
+
+
+@pytest.mark.parametrize("extreme", EXTREMES)
+def test_extreme_sampling_options_give_a_token_not_nan(extreme):
+    """top_p that is 0 in float32, or a temperature that overflows the logits, fall back to the likeliest token."""
+    from vlmkit.inference.sampling import choose_token
+
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    options = GenerationOptions(**{"temperature": 1.0, **extreme})
+    picks = {choose_token(logits, options, None, torch.Generator().manual_seed(s)) for s in range(20)}
+    assert picks == {1}
+
+
+def test_one_extreme_request_does_not_change_the_others(engine):
+    solo = engine.generate(CONVERSATIONS[:2], GenerationOptions(max_new_tokens=8))
+    mixed = engine.generate(
+        CONVERSATIONS[:2] + CONVERSATIONS[:2],
+        [GenerationOptions(max_new_tokens=8)] * 2
+        + [GenerationOptions(max_new_tokens=8, temperature=1.0, top_p=1e-300, seed=2**63 - 1),
+           GenerationOptions(max_new_tokens=8, temperature=1e-45, seed=0)],
+    )  # fmt: skip
+    assert [r.token_ids for r in mixed[:2]] == [r.token_ids for r in solo]
+    assert all(r.completion_tokens > 0 for r in mixed[2:])
+
+
+@pytest.mark.parametrize("seed", [2**70, -1, 1.5])
+def test_out_of_range_seed_is_refused(seed):
+    with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        GenerationOptions(temperature=1.0, seed=seed)

@@ -35,6 +35,8 @@ class GenerationOptions:
             raise ConfigError(f"top_k must be ≥ 0 (0 = off), got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError(f"stop strings must be non-empty strings, got {self.stop!r}")
 

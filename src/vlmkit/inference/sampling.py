@@ -23,6 +23,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         remove = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        remove[..., 0] = False  # and always the most likely one (a top_p that rounds to 0 in float32 keeps it)
         logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
     return logits
 
@@ -36,6 +37,8 @@ def choose_token(
         logits = apply_repetition_penalty(logits.clone(), seen, options.repetition_penalty)
     if options.greedy:
         return int(torch.argmax(logits))
-    logits = filter_top_k_top_p(logits / options.temperature, options.top_k, options.top_p)
-    probs = torch.softmax(logits, dim=-1)
+    scaled = logits / options.temperature
+    if not torch.isfinite(scaled[scaled != float("-inf")]).all():
+        return int(torch.argmax(logits))  # a temperature so small it overflows: its limit, greedy
+    probs = torch.softmax(filter_top_k_top_p(scaled, options.top_k, options.top_p), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
