@@ -14,3 +14,15 @@ def test_nested_round_trip_and_errors():
         config_from_dict(VLMConfig, {"vision": {"select_strategy": "cls"}})
     with pytest.raises(ConfigError, match="expected a mapping"):
         config_from_dict(VLMConfig, [1, 2])
+
+
+def test_optional_literal_fields_are_checked_too():
+    """``Literal[...] | None`` (None meaning "keep the default") refuses other values, and still takes None."""
+    from vlmkit.training.config import ModelSpec
+
+    with pytest.raises(ConfigError, match=r"model\.image_layout: 'sideways' is not one of 'as_written', 'after_each_q"):
+        config_from_dict(ModelSpec, {"checkpoint": "x", "image_layout": "sideways"}, "model.")
+    assert config_from_dict(ModelSpec, {"checkpoint": "x", "image_layout": None}).image_layout is None
+    assert config_from_dict(ModelSpec, {"checkpoint": "x", "image_layout": "after_each_question"}).image_layout == (
+        "after_each_question"
+    )

@@ -52,8 +52,9 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     for option in options:
         if dataclasses.is_dataclass(option) and isinstance(value, dict):
             return config_from_dict(option, value, where + ".")  # type: ignore[arg-type]
-    if all(typing.get_origin(o) is Literal for o in options):
-        choices = [c for o in options for c in typing.get_args(o)]
+    literals = [o for o in options if o is not type(None)]
+    if value is not None and literals and all(typing.get_origin(o) is Literal for o in literals):
+        choices = [c for o in literals for c in typing.get_args(o)]
         if value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(c) for c in choices)}")
     return value
