@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGenerati
 from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig, VLMConfig
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.processing.chat import ImageLayout
 from vlmkit.processing.images import ImageTransformConfig
 from vlmkit.processing.processor import VLMProcessor
 
@@ -61,23 +62,24 @@ AFTER_EACH_QUESTION = (
     "{%- endfor -%}"
     "{%- set messages = layout_ns.messages -%}"
 )
-LAYOUT_TEMPLATES = {"as_written": "", "after_each_question": AFTER_EACH_QUESTION}
+LAYOUT_TEMPLATES: dict[ImageLayout, str] = {"as_written": "", "after_each_question": AFTER_EACH_QUESTION}
 _LAYOUT_MARKER = "vlmkit image_layout: "
 
 
-def parts_template(template: str, image_layout: str = "as_written") -> str:
+def parts_template(template: str, image_layout: ImageLayout = "as_written") -> str:
     """``template`` made to accept content parts and to place images as ``image_layout`` says (idempotent)."""
     if _MARKER in template:
         return template
     return PARTS_TO_TEXT + LAYOUT_TEMPLATES[image_layout] + template
 
 
-def template_layout(template: str | None) -> str:
+def template_layout(template: str | None) -> ImageLayout:
     """The image layout an exported template applies (``as_written`` for any other template)."""
     if template and _LAYOUT_MARKER in template:
         name = template.split(_LAYOUT_MARKER, 1)[1].split(" ", 1)[0].strip("-#} ")
-        if name in LAYOUT_TEMPLATES:
-            return name
+        for layout in LAYOUT_TEMPLATES:
+            if name == layout:
+                return layout
     return "as_written"
 
 
@@ -292,7 +294,7 @@ def load_hf_llava(folder: str | Path, dtype: torch.dtype | None = None) -> tuple
         _read_image_config(folder, model.vision_tower.image_size),
         tokens_per_image=model.vision_tower.num_tokens(),
         image_token=tokenizer.convert_ids_to_tokens(hf.image_token_id),  # type: ignore[arg-type]
-        image_layout=template_layout(template),  # type: ignore[arg-type]
+        image_layout=template_layout(template),
     )
     return model.eval(), processor
 

@@ -14,7 +14,7 @@ from vlmkit.errors import ConfigError
 from vlmkit.models.projector import build_projector
 from vlmkit.models.vision import VisionTower, normalisation_for
 from vlmkit.models.vlm import VisionLanguageModel, build_language_model
-from vlmkit.processing.chat import IMAGE_TOKEN
+from vlmkit.processing.chat import IMAGE_TOKEN, ImageLayout
 from vlmkit.processing.images import ImageTransformConfig
 from vlmkit.processing.processor import VLMProcessor, prepare_tokenizer
 
@@ -45,7 +45,7 @@ def compose(
     feature_layer: int | list[int] = -2,
     select_strategy: str = "auto",
     resize_mode: str = "pad",
-    image_layout: str = "as_written",
+    image_layout: ImageLayout = "as_written",
     dtype: torch.dtype | None = None,
 ) -> tuple[VisionLanguageModel, VLMProcessor]:
     """Join a vision tower and a causal LM through a new projector; returns the model and its processor.
@@ -84,7 +84,7 @@ def compose(
         tokenizer,
         image_config,
         tokens_per_image=tower.num_tokens(),
-        image_layout=image_layout,  # type: ignore[arg-type]
+        image_layout=image_layout,
     )
     config = VLMConfig(
         vision=VisionConfig(

@@ -9,7 +9,7 @@ markers, so any Jinja template works as long as rendering a prefix of the conver
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from transformers import PreTrainedTokenizerBase
 
@@ -28,8 +28,14 @@ DEFAULT_TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>")
 ROLES = ("system", "user", "assistant")
 
 ImageLayout = Literal["as_written", "after_each_question"]
-IMAGE_LAYOUTS: tuple[str, ...] = ("as_written", "after_each_question")
 """Where a processor puts the image tokens of a conversation (see :func:`place_images`)."""
+IMAGE_LAYOUTS: tuple[str, ...] = get_args(ImageLayout)
+
+
+def check_image_layout(layout: str, name: str = "image layout") -> None:
+    """Raise ProcessingError naming ``name`` unless ``layout`` is one of :data:`IMAGE_LAYOUTS`."""
+    if layout not in IMAGE_LAYOUTS:
+        raise ProcessingError(f"unknown {name} {layout!r}; valid layouts: {', '.join(IMAGE_LAYOUTS)}")
 
 
 def check_message(message: Any, where: str) -> tuple[str, Any]:
@@ -112,8 +118,7 @@ def place_images(
     their markers in place. Returns the new messages and, for each marker in the new order, the index of its
     image in the original order (repeats for images shown again).
     """
-    if layout not in IMAGE_LAYOUTS:
-        raise ProcessingError(f"unknown image layout {layout!r}; valid layouts: {', '.join(IMAGE_LAYOUTS)}")
+    check_image_layout(layout)
     total = sum(m["content"].count(image_token) for m in messages)
     if layout == "as_written":
         return messages, list(range(total))

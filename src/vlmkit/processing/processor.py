@@ -15,10 +15,10 @@ from vlmkit.config import config_from_dict, config_to_dict
 from vlmkit.errors import CheckpointError, ImageTokenMismatchError, ProcessingError
 from vlmkit.processing.chat import (
     DEFAULT_TEMPLATE_TOKENS,
-    IMAGE_LAYOUTS,
     IMAGE_TOKEN,
     ChatEncoder,
     ImageLayout,
+    check_image_layout,
     flatten_messages,
     place_images,
 )
@@ -87,8 +87,7 @@ class VLMProcessor:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         image_layout: ImageLayout = "as_written",
     ) -> None:
-        if image_layout not in IMAGE_LAYOUTS:
-            raise ProcessingError(f"unknown image_layout {image_layout!r}; valid layouts: {', '.join(IMAGE_LAYOUTS)}")
+        check_image_layout(image_layout, "image_layout")
         prepare_tokenizer(tokenizer, image_token)
         self.tokenizer = tokenizer
         self.chat = ChatEncoder(tokenizer)

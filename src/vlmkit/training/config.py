@@ -22,6 +22,7 @@ import yaml
 
 from vlmkit.config import config_from_dict, config_to_dict
 from vlmkit.errors import ConfigError
+from vlmkit.processing.chat import ImageLayout
 
 COMPONENTS = ("vision", "projector", "language_model")
 """Config names of the three model components (``vision`` is the model's ``vision_tower``)."""
@@ -52,7 +53,7 @@ class ModelSpec:
     feature_layer: int | list[int] = -2
     select_strategy: Literal["auto", "default", "full"] = "auto"
     resize_mode: Literal["pad", "resize"] = "pad"
-    image_layout: Literal["as_written", "after_each_question"] | None = None
+    image_layout: ImageLayout | None = None
     """Where the processor puts image tokens (:func:`vlmkit.processing.chat.place_images`); None keeps the
     checkpoint's own layout, or ``as_written`` for a new model."""
 
