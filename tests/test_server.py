@@ -21,6 +21,7 @@ from PIL import Image
 
 from conftest import compose_tiny, qwen2_config, siglip_config
 from vlmkit.api import VLM
+from vlmkit.serving.http import uvicorn_config
 from vlmkit.serving.server import ServerSettings, create_app
 
 
@@ -33,7 +34,7 @@ def free_port() -> int:
 class LiveServer:
     def __init__(self, vlm, settings):
         self.port = free_port()
-        config = uvicorn.Config(create_app(vlm, settings), host="127.0.0.1", port=self.port, log_level="error")
+        config = uvicorn_config(create_app(vlm, settings), settings, "127.0.0.1", self.port, log_level="error")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -26,10 +26,12 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         token_budget=args.token_budget,
         budget_tokenizer=counter,
+        retry_errors=args.retry_errors,
         progress=not args.quiet,
     )
+    retried = f", {summary.retried} retried" if args.retry_errors else ""
     print(
-        f"{summary.described} described, {summary.errors} failed, {summary.skipped} already done "
+        f"{summary.described} described, {summary.errors} failed, {summary.skipped} already done{retried} "
         f"({summary.images_per_second:.1f} images/s) → {args.out}",
         file=sys.stderr,
     )
@@ -53,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--token-budget", type=positive_int, help="cut descriptions at a word boundary to ≤ N tokens")
     parser.add_argument(
         "--budget-tokenizer", help="tokenizer (hub id or folder) that measures the budget; default: the model's own"
+    )
+    parser.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="on a rerun, describe again the images whose row is an error (default: keep their error rows)",
     )
     parser.add_argument("--print", action="store_true", help="print the JSONL file when done")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Literal
 
 from PIL import Image
 
-from vlmkit.data.sample import IMAGE_TOKEN, Sample
+from vlmkit.data.sample import IMAGE_TOKEN, Sample, reply_problem
 from vlmkit.data.shapes import encode_png
 from vlmkit.errors import DataError, ImageError
 from vlmkit.processing.images import DEFAULT_MAX_PIXELS, load_image
@@ -52,6 +52,7 @@ PROBLEMS = {
     "missing_field": "a required field is missing",
     "bad_role": "a conversation turn has an unknown role",
     "empty_conversation": "the conversation has no turns or no text",
+    "no_reply": "no assistant turn, or an empty one: nothing to train on",
     "image_count_mismatch": "the number of <image> markers differs from the number of images",
     "missing_image": "an image file or tar member is missing",
     "unreadable_image": "an image cannot be decoded",
@@ -163,6 +164,9 @@ def _parse_record(where: str, record: Any) -> _Parsed:
         messages.append({"role": _ROLES[role], "content": text})
     if not any(m["content"].strip() for m in messages):
         raise RecordError(where, "empty_conversation", "every turn of the conversation is empty")
+    problem = reply_problem(messages)
+    if problem is not None:
+        raise RecordError(where, "no_reply", problem)
     refs = record.get("image", record.get("images"))
     refs = [] if refs is None else refs if isinstance(refs, list) else [refs]
     task = record.get("task")

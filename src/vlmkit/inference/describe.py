@@ -25,11 +25,25 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 DEFAULT_PROMPT = "Describe the image."
 
 
-def collect_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Files, folders (recursive, by image extension) and globs → sorted unique paths.
+def safe_text(text: str) -> str:
+    """``text`` as valid UTF-8: each byte of a file name that did not decode (a surrogate escape, as ``os.listdir``
+    gives for a name that is not UTF-8) becomes the four characters ``\\xNN``; other text is unchanged."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
-    A path that is neither an existing file or folder nor a glob matching something is an error.
+
+def image_key(path: str | Path) -> str:
+    """The resume key of an image: its resolved absolute path (symlinks followed), written with :func:`safe_text`.
+
+    However a path is spelled (absolute, relative to any folder, through a symlink), the key is the same.
     """
+    return safe_text(str(Path(path).expanduser().resolve()))
+
+
+def _collect(paths: Sequence[str | Path]) -> dict[str, Path]:
+    """Resume key → the path as found (as given, or under a given folder), sorted by the path as found."""
     found: dict[str, Path] = {}
     for raw in paths:
         text = str(raw)
@@ -41,34 +55,99 @@ def collect_images(paths: Sequence[str | Path]) -> list[Path]:
         elif glob.has_magic(text):
             matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True) if Path(p).is_file())
             if not matches:
-                raise ConfigError(f"{text}: the pattern matches no file")
+                raise ConfigError(f"{safe_text(text)}: the pattern matches no file")
         else:
-            raise ConfigError(f"{text}: no such file or folder")
+            raise ConfigError(f"{safe_text(text)}: no such file or folder")
         for match in matches:
-            found.setdefault(str(match.resolve()), match)
-    return sorted(found.values(), key=lambda p: str(p))
+            found.setdefault(image_key(match), match)
+    return dict(sorted(found.items(), key=lambda item: str(item[1])))
 
 
-def read_done(out: Path) -> set[str]:
-    """Images already recorded in ``out``; a torn last line (a kill mid-write) is cut off the file first.
+def collect_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Files, folders (recursive, by image extension) and globs → sorted unique paths (unique by resolved path).
+
+    A path that is neither an existing file or folder nor a glob matching something is an error.
+    """
+    return list(_collect(paths).values())
+
+
+@dataclass
+class _Row:
+    key: str
+    failed: bool
+    line: bytes
+
+
+def _row_key(row: Any) -> str:
+    """The resume key of a row: its ``path``; a row written before ``path`` existed has only ``image``, resolved
+    against the current folder (as given then: an absolute path, or one relative to the folder of that run)."""
+    if not isinstance(row, dict):
+        raise TypeError(f"expected a JSON object, got {type(row).__name__}")
+    key = row.get("path")
+    if key is None:
+        image = row["image"]
+        if not isinstance(image, str):
+            raise TypeError(f"'image' must be a string, got {type(image).__name__}")
+        return image_key(image)
+    if not isinstance(key, str):
+        raise TypeError(f"'path' must be a string, got {type(key).__name__}")
+    return key
+
+
+def _read_rows(out: Path) -> list[_Row]:
+    """Every row of ``out`` in file order; a torn last line (a kill mid-write) is cut off the file first.
 
     A malformed line anywhere else means the file is not ours: an error, and the file is left untouched.
     """
     if not out.exists():
-        return set()
+        return []
     lines = out.read_bytes().split(b"\n")
     torn = lines.pop()  # b"" when the file ends with a newline
-    done: set[str] = set()
+    rows: list[_Row] = []
     for number, line in enumerate(lines, start=1):
         try:
-            done.add(json.loads(line)["image"])
+            row = json.loads(line)
+            rows.append(_Row(_row_key(row), row.get("error") is not None, line))
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{out}, line {number}: not a describe record ({exc}); the file was not changed") from exc
     if torn:
         log.warning("%s: removing a torn last line (%d bytes) left by an interrupted run", out, len(torn))
         with out.open("r+b") as handle:
             handle.truncate(out.stat().st_size - len(torn))
-    return done
+    return rows
+
+
+def read_done(out: Path) -> set[str]:
+    """The resume keys (:func:`image_key`) of the images already recorded in ``out``; a torn last line (a kill
+    mid-write) is cut off the file first.
+
+    A malformed line anywhere else means the file is not ours: an error, and the file is left untouched.
+    """
+    return {row.key for row in _read_rows(out)}
+
+
+def _compact(out: Path) -> int:
+    """Keep one row per image in ``out``: its last one, in the place of its first. Written to a temporary file
+    and renamed over ``out``, so a kill at any instant leaves either file (a reader takes an image's last row
+    in both). Returns the number of rows dropped."""
+    rows = _read_rows(out)
+    last = {row.key: row.line for row in rows}
+    dropped = len(rows) - len(last)
+    if not dropped:
+        return 0
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as handle:
+            for line in last.values():  # a dict keeps each key where it was first inserted
+                handle.write(line + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("%s: dropped %d superseded row(s)", out, dropped)
+    return dropped
 
 
 def fit_to_budget(text: str, tokenizer: PreTrainedTokenizerBase, budget: int) -> str:
@@ -97,13 +176,33 @@ class DescribeSummary:
     described: int
     errors: int
     seconds: float
+    retried: int = 0
+    """Images whose earlier row was an error, described again (``retry_errors``); counted in described/errors."""
 
     @property
     def images_per_second(self) -> float:
         return (self.described + self.errors) / self.seconds if self.seconds else 0.0
 
 
-def _batches(items: list[Path], size: int) -> Iterator[list[Path]]:
+def _generate_each(vlm: Any, convs: list, options: GenerationOptions) -> list[Any]:
+    """One result per conversation, generated together; when the batch fails, each alone, so a failure is only
+    its own image's (its exception in its place)."""
+    try:
+        return list(vlm.engine.generate(convs, options))
+    except Exception as exc:
+        if len(convs) == 1:
+            return [exc]
+        log.warning("a batch of %d images failed (%s); describing them one by one", len(convs), exc)
+    results: list[Any] = []
+    for conv in convs:
+        try:
+            results.append(vlm.engine.generate([conv], options)[0])
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+def _batches(items: list[tuple[str, Path]], size: int) -> Iterator[list[tuple[str, Path]]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -118,12 +217,18 @@ def describe(
     max_new_tokens: int = 77,
     token_budget: int | None = None,
     budget_tokenizer: PreTrainedTokenizerBase | None = None,
+    retry_errors: bool = False,
     progress: bool = True,
 ) -> DescribeSummary:
-    """Describe every image under ``paths`` into ``out`` (JSONL: image, text, tokens, error).
+    """Describe every image under ``paths`` into ``out`` (JSONL: image, text, tokens, error, path).
 
-    Images already in ``out`` are skipped; lines are appended and flushed per batch, so a killed run resumes
-    with nothing lost or duplicated. A bad image is recorded with its error and the run goes on.
+    ``image`` is the path as given (or as found under a given folder), ``path`` its resolved absolute path; both
+    are written with :func:`safe_text`, so a file name that is not UTF-8 is recorded (its odd bytes as ``\\xNN``).
+    Images already in ``out`` are skipped, matched by resolved path (:func:`image_key`) however they are spelled;
+    lines are appended and flushed per batch, so a killed run resumes with nothing lost or duplicated. A bad
+    image is recorded with its error and the run goes on; rerunning keeps its error row unless ``retry_errors``,
+    which describes it again: the new row is appended (an image's last row is the one that counts), then the
+    file is rewritten atomically with one row per image, each in the place of the image's first row.
     ``tokens`` counts the text's tokens with ``budget_tokenizer`` (default: the model's own).
     """
     if not prompt or not prompt.strip():
@@ -134,29 +239,38 @@ def describe(
         raise ConfigError(f"token budget must be more than 2 tokens, got {token_budget}")
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     counter = budget_tokenizer or vlm.processor.tokenizer
-    images = collect_images(paths)
+    images = _collect(paths)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = read_done(out)
-    todo = [p for p in images if str(p) not in done]
-    summary = DescribeSummary(total=len(images), skipped=len(images) - len(todo), described=0, errors=0, seconds=0.0)
+    rows = _read_rows(out)
+    failed = {row.key: row.failed for row in rows}  # the last row of an image counts
+    superseded = len(rows) > len(failed)  # a retry was killed before dropping the rows it replaced
+    todo = [(key, path) for key, path in images.items() if key not in failed or (retry_errors and failed[key])]
+    retried = sum(key in failed for key, _ in todo)
+    summary = DescribeSummary(total=len(images), skipped=len(images) - len(todo), described=0, errors=0,
+                              seconds=0.0, retried=retried)  # fmt: skip
+    del rows
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc="describe", disable=not progress, dynamic_ncols=True)
-    with out.open("a", encoding="utf-8") as handle:
+    with out.open("ab") as handle:
         for batch in _batches(todo, batch_size):
             records: list[dict[str, Any]] = []
             convs, slots = [], []
-            for path in batch:
+            for key, path in batch:
+                record = {"image": safe_text(str(path)), "text": None, "tokens": 0, "error": None, "path": key}
                 try:
                     image = load_image(path, max_pixels=vlm.processor.max_pixels)
                     convs.append(vlm._conversation(prompt, [image]))
                     slots.append(len(records))
-                    records.append({"image": str(path), "text": None, "tokens": 0, "error": None})
                 except VlmkitError as exc:
-                    records.append({"image": str(path), "text": None, "tokens": 0, "error": str(exc)})
+                    record["error"] = safe_text(str(exc))
+                records.append(record)
             if convs:
-                for slot, result in zip(slots, vlm.engine.generate(convs, options), strict=True):
-                    text = result.text.strip()
+                for slot, result in zip(slots, _generate_each(vlm, convs, options), strict=True):
+                    if isinstance(result, Exception):
+                        records[slot]["error"] = safe_text(f"generation failed: {result}")
+                        continue
+                    text = safe_text(result.text.strip())
                     if token_budget is not None:
                         text = fit_to_budget(text, counter, token_budget)
                     records[slot]["text"] = text
@@ -164,10 +278,12 @@ def describe(
             for record in records:
                 summary.errors += record["error"] is not None
                 summary.described += record["error"] is None
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.write(b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in records))
             handle.flush()
             os.fsync(handle.fileno())
             bar.update(len(batch))
     bar.close()
+    if retried or superseded:
+        _compact(out)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -17,6 +17,7 @@ from vlmkit.inference import kv_cache
 from vlmkit.inference.options import GenerationOptions, GenerationResult
 from vlmkit.inference.rows import RowState, StreamEvent
 from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.processing.limits import check_text_fits
 from vlmkit.processing.processor import EncodedSample, VLMProcessor
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Engine:
     # -- encoding -------------------------------------------------------------------------------------------
     def encode(self, conversation: Conversation, name: str = "request") -> EncodedSample:
         """Encode a prompt and check it fits the context (with room for at least one new token)."""
+        check_text_fits(conversation, self.context_length, self.processor.tokenizer, name)
         encoded = self.processor.encode(conversation, name=name)
         if len(encoded.input_ids) >= self.context_length:
             raise ProcessingError(
@@ -92,9 +94,14 @@ class Engine:
         self, encoded: list[EncodedSample], options: list[GenerationOptions], stream: bool
     ) -> Iterator[StreamEvent]:
         batch = self.new_batch()
-        batch.add([(i, s, o) for i, (s, o) in enumerate(zip(encoded, options, strict=True))], stream=stream)
+        failed = batch.add([(i, s, o) for i, (s, o) in enumerate(zip(encoded, options, strict=True))], stream=stream)
+        if failed and failed[0].error is not None:
+            raise failed[0].error
         while batch:
-            yield from batch.step()
+            for event in batch.step():
+                if event.error is not None:
+                    raise event.error
+                yield event
 
 
 class DecodeBatch:
@@ -120,16 +127,48 @@ class DecodeBatch:
         return [row.key for row in self.rows]
 
     @torch.inference_mode()
-    def add(self, items: Sequence[tuple[Hashable, EncodedSample, GenerationOptions]], stream: bool = True) -> None:
+    def add(
+        self, items: Sequence[tuple[Hashable, EncodedSample, GenerationOptions]], stream: bool = True
+    ) -> list[StreamEvent]:
         """Prefill ``(key, encoded prompt, options)`` items together and join them to the batch.
 
-        ``stream=False``: their text is decoded once at the end instead of piece by piece.
+        A request that fails on its own (its options, or a prefill that fails for it alone) does not join;
+        its error event is returned, and the other requests join. ``stream=False``: text is decoded once at
+        the end instead of piece by piece.
         """
-        if not items:
-            return
+        failed: list[StreamEvent] = []
+        good: list[tuple[EncodedSample, RowState]] = []
+        for key, sample, opts in items:
+            row = None
+            try:
+                row = self.engine._new_row(key, sample, opts, stream)
+            except Exception as exc:  # one request's bad state fails that request only
+                log.warning("request %s refused before prefill: %s", key, exc)
+                failed.append(StreamEvent(key, "", error=exc))
+            if row is not None:
+                good.append((sample, row))
+        if not good:
+            return failed
+        try:
+            self._prefill(good)
+        except Exception as exc:
+            if len(good) == 1:
+                log.exception("prefill failed for request %s", good[0][1].key)
+                return [*failed, good[0][1].fail(exc)]
+            # find the request that fails: each one alone (the others' prefill is then correct as it is)
+            log.warning("batched prefill failed (%s); prefilling its %d requests one by one", exc, len(good))
+            for sample, row in good:
+                try:
+                    self._prefill([(sample, row)])
+                except Exception as alone:
+                    log.exception("prefill failed for request %s", row.key)
+                    failed.append(row.fail(alone))
+        return failed
+
+    def _prefill(self, items: list[tuple[EncodedSample, RowState]]) -> None:
         engine, model = self.engine, self.engine.model
         device = model.device
-        batch = engine.processor.collate([sample for _, sample, _ in items], padding_side="left")
+        batch = engine.processor.collate([sample for sample, _ in items], padding_side="left")
         mask = batch["attention_mask"].to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
@@ -143,7 +182,7 @@ class DecodeBatch:
             logits_to_keep=1,
         )
         logits = out.logits[:, -1]
-        rows = [engine._new_row(key, sample, opts, stream) for key, sample, opts in items]
+        rows = [row for _, row in items]
         if self.cache is None or not self.rows:
             self.cache, self.mask, self.logits = cache, mask, logits
             self.next_pos = positions[:, -1] + 1
@@ -181,7 +220,15 @@ class DecodeBatch:
         # one argmax for all plain greedy rows; sampled or penalised rows choose one by one
         argmax = self.logits.argmax(-1).tolist()  # type: ignore[union-attr]
         for r, row in enumerate(self.rows):
-            token = argmax[r] if row.plain else row.choose(self.logits[r])  # type: ignore[index]
+            if row.plain:
+                token = argmax[r]
+            else:
+                try:
+                    token = row.choose(self.logits[r])  # type: ignore[index]
+                except Exception as exc:  # one row's sampling error fails that row only
+                    log.exception("choosing the next token failed for request %s", row.key)
+                    events.append(row.fail(exc))
+                    continue
             events += row.accept(token, self.engine.stop_ids)
             if row.result is None:
                 keep.append(r)

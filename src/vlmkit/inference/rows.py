@@ -15,11 +15,16 @@ from vlmkit.inference.sampling import choose_token
 
 @dataclass
 class StreamEvent:
-    """A piece of text for request ``index`` (any hashable key); ``result`` is set on the request's last event."""
+    """A piece of text for request ``index`` (any hashable key); ``result`` is set on the request's last event.
+
+    ``error`` is set instead when the request failed on its own (its sampling or its prefill): that row has
+    left the batch, the others go on.
+    """
 
     index: Hashable
     text: str
     result: GenerationResult | None = None
+    error: Exception | None = None
 
 
 @dataclass
@@ -36,6 +41,7 @@ class RowState:
     generated: int = 0
     result: GenerationResult | None = None
     cancelled: bool = False
+    error: Exception | None = None
 
     @classmethod
     def create(
@@ -76,7 +82,12 @@ class RowState:
 
     @property
     def done(self) -> bool:
-        return self.cancelled or self.result is not None
+        return self.cancelled or self.result is not None or self.error is not None
+
+    def fail(self, error: Exception) -> StreamEvent:
+        """End this row with ``error`` (its own failure, not the batch's); returns its last event."""
+        self.error = error
+        return StreamEvent(self.key, "", error=error)
 
     @property
     def plain(self) -> bool:

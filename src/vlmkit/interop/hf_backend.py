@@ -10,6 +10,7 @@ streaming, batches, describe, eval and the server work unchanged.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -130,13 +131,30 @@ class HFProcessor:
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
+    @functools.cached_property
+    def control_tokens(self) -> list[str]:
+        """The tokenizer's special tokens (turn markers, image placeholders, EOS, ...)."""
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", {})
+        return sorted({t.content for t in decoder.values() if t.special})
+
+    def _plain(self, text: str, where: str) -> str:
+        """Refuse message text holding special-token strings: transformers' processors tokenize the rendered
+        prompt as one string, so such text would become control tokens (a user could forge turns)."""
+        for token in self.control_tokens:
+            if token in text:
+                raise ProcessingError(
+                    f"{where}: the text contains the model's special token {token!r}, which this backend can't "
+                    "keep as plain text; remove it"
+                )
+        return text
+
     def _load(self, source: Any) -> Image.Image:
         return load_image(source, max_pixels=self.max_pixels, access=self.image_access)
 
     def _part(self, part: Any, where: str) -> dict[str, Any]:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            return {"type": "text", "text": str(part.get("text", ""))}
+            return {"type": "text", "text": self._plain(str(part.get("text", "")), where)}
         if kind == "image":
             key = next((k for k in IMAGE_KEYS if k in part), None)
             if key is None:
@@ -162,7 +180,7 @@ class HFProcessor:
             where = f"{name}, message {index}"
             role, content = check_message(message, where)
             if isinstance(content, str):
-                parts = [{"type": "text", "text": content}]
+                parts = [{"type": "text", "text": self._plain(content, where)}]
             elif isinstance(content, list):
                 parts = [self._part(part, where) for part in content]
             else:

@@ -7,6 +7,7 @@ processor (sampling, per row) and a stopping criterion (detokenising, stopping, 
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -27,9 +28,12 @@ from vlmkit.errors import ProcessingError
 from vlmkit.inference.engine import Conversation
 from vlmkit.inference.options import GenerationOptions, GenerationResult
 from vlmkit.inference.rows import RowState, StreamEvent
+from vlmkit.processing.limits import check_text_fits
 
 if TYPE_CHECKING:
     from vlmkit.interop.hf_backend import HFProcessor
+
+log = logging.getLogger(__name__)
 
 _END = object()
 
@@ -80,13 +84,19 @@ class _ChooseTokens(LogitsProcessor):
     masked, so the argmax picks it. Plain greedy rows keep the model's logits untouched.
     """
 
-    def __init__(self, rows: list[RowState]) -> None:
+    def __init__(self, rows: list[RowState], tracker: _Rows) -> None:
         self.rows = rows
+        self.tracker = tracker
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for r, row in enumerate(self.rows):
             if not row.done and not row.plain:
-                token = row.choose(scores[r])
+                try:
+                    token = row.choose(scores[r])
+                except Exception as exc:  # this row fails alone; the stopping criterion retires it
+                    log.exception("choosing the next token failed for request %s", row.key)
+                    self.tracker.emit(row.fail(exc))
+                    continue
                 scores[r].fill_(float("-inf"))
                 scores[r, token] = 0.0
         return scores
@@ -117,7 +127,7 @@ class _Generation:
                 num_beams=1,
                 repetition_penalty=1.0,
                 max_new_tokens=max(row.budget for row in self.rows),
-                logits_processor=LogitsProcessorList([_ChooseTokens(self.rows)]),
+                logits_processor=LogitsProcessorList([_ChooseTokens(self.rows, self.tracker)]),
                 stopping_criteria=StoppingCriteriaList([self.tracker]),
             )
 
@@ -220,6 +230,7 @@ class HFEngine:
 
     def encode(self, conversation: Conversation, name: str = "request") -> HFEncoded:
         """Check a conversation (images, template, context length) and keep it ready for a batch."""
+        check_text_fits(conversation, self.context_length, self.processor.tokenizer, name)
         messages = self.processor.conversation(conversation, name=name)
         batch = self.processor.prepare([messages])
         ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
@@ -233,7 +244,11 @@ class HFEngine:
             context_length=self.context_length, skip_ids=self.placeholder_ids,
         )  # fmt: skip
 
-    def _generation(self, items: Sequence[Item]) -> _Generation:
+    def _generation(self, items: Sequence[Item]) -> tuple[_Generation | None, list[StreamEvent]]:
+        """The generation for ``items``, and the error events of those refused on their own (bad options)."""
+        items, failed = self._checked(items)
+        if not items:
+            return None, failed
         messages = [
             c.conversation if isinstance(c, HFEncoded) else self.processor.conversation(c, name=f"conversation {k}")
             for k, c, _ in items
@@ -242,7 +257,26 @@ class HFEngine:
         masks = batch["attention_mask"].bool()
         prompts = [ids[mask].tolist() for ids, mask in zip(batch["input_ids"], masks, strict=True)]
         rows = [self._new_row(key, prompt, opts) for (key, _, opts), prompt in zip(items, prompts, strict=True)]
-        return _Generation(self, batch, rows)
+        return _Generation(self, batch, rows), failed
+
+    def _checked(self, items: Sequence[Item]) -> tuple[list[Item], list[StreamEvent]]:
+        """Split off the items whose own state can't start (e.g. a seed the generator refuses)."""
+        good: list[Item] = []
+        failed: list[StreamEvent] = []
+        for item in items:
+            key, conversation, opts = item
+            prompt = conversation.input_ids if isinstance(conversation, HFEncoded) else []
+            try:
+                RowState.create(
+                    key, prompt, opts, tokenizer=self.processor.tokenizer, vocab_size=self.vocab_size,
+                    context_length=self.context_length, skip_ids=self.placeholder_ids,
+                )  # fmt: skip
+            except Exception as exc:  # one request's bad state fails that request only
+                log.warning("request %s refused before prefill: %s", key, exc)
+                failed.append(StreamEvent(key, "", error=exc))
+            else:
+                good.append(item)
+        return good, failed
 
     @staticmethod
     def _items(
@@ -263,8 +297,14 @@ class HFEngine:
         """Generate one answer per conversation, all in one batch."""
         if not conversations:
             return []
-        generation = self._generation(self._items(conversations, options))
+        generation, failed = self._generation(self._items(conversations, options))
+        if failed and failed[0].error is not None:
+            raise failed[0].error
+        assert generation is not None
         generation.run()
+        for row in generation.rows:
+            if row.error is not None:
+                raise row.error
         return [row.result for row in generation.rows]  # type: ignore[misc]
 
     def stream_batch(
@@ -279,11 +319,17 @@ class HFEngine:
         """
         if not conversations:
             return
-        generation = self._generation(self._items(conversations, options))
+        generation, failed = self._generation(self._items(conversations, options))
+        if failed and failed[0].error is not None:
+            raise failed[0].error
+        assert generation is not None
         generation.start()
         try:
             while not generation.finished:
-                yield from generation.events()
+                for event in generation.events():
+                    if event.error is not None:
+                        raise event.error
+                    yield event
         finally:
             generation.close()
 
@@ -312,17 +358,21 @@ class HFDecodeBatch:
     def keys(self) -> list[Hashable]:
         return [key for key, _, _ in self._waiting] + list(self._live)
 
-    def _begin(self, items: list[Item]) -> None:
-        generation = self.engine._generation(items)
-        generation.start()
-        self._generation, self._live = generation, {key for key, _, _ in items}
+    def _begin(self, items: list[Item]) -> list[StreamEvent]:
+        generation, failed = self.engine._generation(items)
+        if generation is not None:
+            generation.start()
+            self._generation, self._live = generation, {row.key for row in generation.rows}
+        return failed
 
-    def add(self, items: Sequence[Item]) -> None:
-        """Queue ``(key, encoded prompt, options)`` items; they start now if nothing is running."""
+    def add(self, items: Sequence[Item]) -> list[StreamEvent]:
+        """Queue ``(key, encoded prompt, options)`` items; they start now if nothing is running.
+
+        Returns the error events of items refused on their own (as :meth:`DecodeBatch.add`)."""
         if self._generation is None and not self._waiting:
-            self._begin(list(items))  # a bad batch fails here, for exactly these items
-        else:
-            self._waiting.extend(items)
+            return self._begin(list(items))  # a bad batch fails here, for exactly these items
+        self._waiting.extend(items)
+        return []
 
     def cancel(self, keys: set[Hashable]) -> None:
         """Drop requests without emitting anything for them."""
@@ -336,10 +386,14 @@ class HFDecodeBatch:
         events: list[StreamEvent] = []
         if self._generation is not None and not self._generation.finished:
             events = [e for e in self._generation.events() if e.index in self._live]
-            self._live -= {e.index for e in events if e.result is not None}
+            self._live -= {e.index for e in events if e.result is not None or e.error is not None}
         if self._generation is not None and self._generation.finished:
             self._generation, self._live = None, set()
         if self._generation is None and self._waiting:
-            self._begin(self._waiting)
-            self._waiting = []
+            waiting, self._waiting = self._waiting, []
+            try:
+                events += self._begin(waiting)
+            except Exception as exc:  # the batch could not start: it fails these requests, not the running ones
+                log.exception("starting a batch failed")
+                events += [StreamEvent(key, "", error=exc) for key, _, _ in waiting]
         return events

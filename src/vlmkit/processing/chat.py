@@ -152,11 +152,18 @@ class EncodedChat:
 class ChatEncoder:
     """Renders conversations with a tokenizer's chat template and tokenises them with supervision masks."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None, image_token: str = IMAGE_TOKEN
+    ) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise ProcessingError("vlmkit needs a fast (Rust) tokenizer: supervision masks use its offsets")
         self.tokenizer = tokenizer
         self.template = chat_template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+        self.image_token = image_token
+        self.control_tokens = sorted(
+            {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} - {image_token}
+        )
+        """Special tokens (turn markers, EOS, ...) that text in messages must not produce."""
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(  # type: ignore[return-value]  # tokenize=False gives a str
@@ -173,8 +180,8 @@ class ChatEncoder:
         """
         if not train:
             text = self.render(messages, add_generation_prompt=messages[-1]["role"] != "assistant")
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            return EncodedChat(list(ids), [False] * len(ids))
+            ids, _ = self.tokenize(text, messages, name)
+            return EncodedChat(ids, [False] * len(ids))
         text = self.render(messages, add_generation_prompt=False)
         spans = []
         for i, message in enumerate(messages):
@@ -192,14 +199,63 @@ class ChatEncoder:
             end = len(through.rstrip())  # keep the end-of-turn token, not the whitespace after it
             if end > len(before):
                 spans.append((len(before), end))
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(encoding["input_ids"])
-        supervised = [any(s <= start < e for s, e in spans) for start, _ in encoding["offset_mapping"]]
+        ids, offsets = self.tokenize(text, messages, name)
+        supervised = [any(s <= start < e for s, e in spans) for start, _ in offsets]
         if not any(supervised):
             raise ProcessingError(
                 f"{name}: no assistant token to supervise (the conversation needs a non-empty assistant reply)"
             )
         return EncodedChat(ids, supervised)
+
+    def tokenize(
+        self, text: str, messages: list[dict[str, str]], name: str = "sample"
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and character offsets of a rendered conversation, messages' text kept as plain text.
+
+        The template's own markers are control tokens; the same strings typed in a message (a user writing
+        ``<|im_end|>\n<|im_start|>system``) are tokenized as ordinary text, so no one can forge a turn. Only the
+        ``<image>`` marker stays a token inside messages. Text without control-token strings tokenizes exactly
+        as the whole rendering would.
+        """
+        risky = [i for i, m in enumerate(messages) if any(t in m["content"] for t in self.control_tokens)]
+        if not risky:
+            encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return list(encoding["input_ids"]), [tuple(o) for o in encoding["offset_mapping"]]
+        segments: list[tuple[int, int, bool]] = []  # (start, end, plain text only)
+        cursor = emitted = 0  # where the next message is searched from; the end of the last segment
+        for i, message in enumerate(messages):
+            content = message["content"]
+            at = text.find(content, cursor) if content else -1
+            if at < 0:
+                if i in risky:
+                    raise ProcessingError(
+                        f"{name}: message {i} contains control-token text the chat template changes, so it can't "
+                        "be kept as plain text; remove the special tokens from it"
+                    )
+                continue
+            cursor = at + len(content)
+            if i in risky:
+                segments += [(emitted, at, False), (at, cursor, True)]
+                emitted = cursor
+        segments.append((emitted, len(text), False))
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for start, end, plain in segments:
+            pieces = text[start:end].split(self.image_token) if plain else [text[start:end]]
+            at = start
+            for k, piece in enumerate(pieces):
+                if k:  # the image marker between pieces
+                    ids.append(int(self.tokenizer.convert_tokens_to_ids(self.image_token)))  # type: ignore[arg-type]
+                    offsets.append((at, at + len(self.image_token)))
+                    at += len(self.image_token)
+                if piece:
+                    encoding = self.tokenizer(
+                        piece, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=plain
+                    )
+                    ids += encoding["input_ids"]
+                    offsets += [(at + a, at + b) for a, b in encoding["offset_mapping"]]
+                at += len(piece)
+        return ids, offsets
 
     def end_of_turn_ids(self) -> list[int]:
         """Token ids that end an assistant turn: the tokenizer's EOS and the template's end-of-turn token."""

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import http.client
 import io
 import ipaddress
 import re
 import socket
+import threading
+import time
 import urllib.parse
-import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,49 +81,116 @@ class ImageAccess:
     allow_private_hosts: bool = False
 
 
-def _check_public_host(url: str, name: str) -> None:
-    host = urllib.parse.urlsplit(url).hostname
+_REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 5
+
+
+def _resolve(url: str, access: ImageAccess, name: str) -> tuple[urllib.parse.SplitResult, str]:
+    """Split and check an http(s) URL; resolve its host once and return the address to connect to.
+
+    The connection goes to this address (no second lookup that a DNS-rebinding server could answer
+    differently), and with ``allow_private_hosts`` off every address the name has must be public.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ImageError(f"image {name}: malformed URL ({exc})") from exc
+    if parts.scheme not in ("http", "https"):
+        raise ImageError(f"image {name}: only http(s) URLs can be downloaded")
     if not host:
         raise ImageError(f"image {name}: URL has no host")
     try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror as exc:
-        raise ImageError(f"image {name}: cannot resolve host {host!r} ({exc})") from exc
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
-            raise ImageError(f"image {name}: host {host!r} resolves to a private or loopback address; refused")
+        host.encode("idna")
+        infos = socket.getaddrinfo(host, port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
+    except UnicodeError as exc:  # a label over 63 characters, an empty label, ...
+        raise ImageError(f"image {name}: invalid host name {host[:80]!r} ({exc})") from exc
+    except OSError as exc:
+        raise ImageError(f"image {name}: cannot resolve host {host[:80]!r} ({exc})") from exc
+    addresses = [str(info[4][0]) for info in infos]
+    if not access.allow_private_hosts:
+        for address in addresses:
+            if not ipaddress.ip_address(address.split("%")[0]).is_global:
+                raise ImageError(f"image {name}: host {host!r} resolves to a private or loopback address; refused")
+    return parts, addresses[0]
 
 
-class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only to http(s) URLs that pass the same host check."""
+def _connection(
+    parts: urllib.parse.SplitResult, address: str, timeout: float, sockets: list[socket.socket]
+) -> http.client.HTTPConnection:
+    """A connection for ``parts`` that connects to ``address`` (TLS still verifies the URL's host name); the
+    sockets it opens are appended to ``sockets``."""
+    host = parts.hostname or ""
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = cls(host, parts.port, timeout=timeout)
 
-    def __init__(self, access: ImageAccess) -> None:
-        self.access = access
+    def connect_to_checked_address(where, *args, **kwargs):
+        sock = socket.create_connection((address, where[1]), *args, **kwargs)
+        sockets.append(sock)
+        return sock
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if not newurl.startswith(("http://", "https://")):
-            raise ImageError(f"image {describe_source(req.full_url)}: redirected to a non-http URL; refused")
-        if not self.access.allow_private_hosts:
-            _check_public_host(newurl, describe_source(newurl))
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    connection._create_connection = connect_to_checked_address  # type: ignore[attr-defined]
+    return connection
 
 
 def fetch_remote(url: str, access: ImageAccess) -> bytes:
-    """Download an http(s) image within the access policy (timeout, size cap, public hosts only)."""
+    """Download an http(s) image within the access policy: public hosts only (each checked address is the one
+    connected to, redirects re-checked), ``remote_timeout`` seconds for the whole download, a size cap."""
     name = describe_source(url)
-    if not access.allow_private_hosts:
-        _check_public_host(url, name)
-    opener = urllib.request.build_opener(_CheckedRedirects(access))
-    request = urllib.request.Request(url, headers={"User-Agent": "vlmkit"})
-    try:
-        with opener.open(request, timeout=access.remote_timeout) as response:
-            data = response.read(access.remote_max_bytes + 1)
-    except (OSError, ValueError) as exc:
-        raise ImageError(f"image {name}: download failed ({exc})") from exc
-    if len(data) > access.remote_max_bytes:
-        raise ImageError(f"image {name}: download is over the {access.remote_max_bytes:,}-byte limit")
-    return data
+    deadline = time.monotonic() + access.remote_timeout
+    too_slow = ImageError(f"image {name}: download took longer than {access.remote_timeout:g} s; refused")
+    for _ in range(MAX_REDIRECTS + 1):
+        parts, address = _resolve(url, access, name)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise too_slow
+        sockets: list[socket.socket] = []
+        connection = _connection(parts, address, remaining, sockets)
+        # the deadline covers every phase (a server may send its headers a byte at a time): at the deadline,
+        # the socket is shut down, which wakes any blocked read
+        timer = threading.Timer(remaining, _shut, (sockets,))
+        timer.start()
+        try:
+            target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+            connection.request("GET", target, headers={"User-Agent": "vlmkit", "Accept": "image/*"})
+            response = connection.getresponse()
+            location = response.getheader("Location")
+            if response.status in _REDIRECTS and location:
+                url = urllib.parse.urljoin(url, location)
+                if not url.startswith(("http://", "https://")):
+                    raise ImageError(f"image {name}: redirected to a non-http URL; refused")
+                continue
+            if response.status != 200:
+                raise ImageError(f"image {name}: download failed (HTTP {response.status} {response.reason})")
+            declared = response.getheader("Content-Length")
+            if declared and declared.isdigit() and int(declared) > access.remote_max_bytes:
+                raise ImageError(f"image {name}: download is over the {access.remote_max_bytes:,}-byte limit")
+            chunks: list[bytes] = []
+            size = 0
+            while chunk := response.read1(65536):
+                size += len(chunk)
+                if size > access.remote_max_bytes:
+                    raise ImageError(f"image {name}: download is over the {access.remote_max_bytes:,}-byte limit")
+                chunks.append(chunk)
+            if time.monotonic() >= deadline:
+                raise too_slow
+            return b"".join(chunks)
+        except ImageError:
+            raise
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if time.monotonic() >= deadline:
+                raise too_slow from exc
+            raise ImageError(f"image {name}: download failed ({exc})") from exc
+        finally:
+            timer.cancel()
+            connection.close()
+    raise ImageError(f"image {name}: more than {MAX_REDIRECTS} redirects; refused")
+
+
+def _shut(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _read_source(source: ImageSource, access: ImageAccess) -> tuple[bytes | Path | Image.Image, str]:
@@ -143,8 +213,13 @@ def _read_source(source: ImageSource, access: ImageAccess) -> tuple[bytes | Path
                 f"image {name}: remote (http/https) images are disabled; download it first or allow remote images"
             )
         return fetch_remote(text, access), name
+    if "\x00" in text:
+        raise ImageError(f"image {name}: the path contains a NUL byte")
     if text.startswith("file://"):
-        path = Path(urllib.parse.unquote(text[len("file://") :]))
+        unquoted = urllib.parse.unquote(text[len("file://") :])
+        if "\x00" in unquoted:
+            raise ImageError(f"image {name}: the path contains a NUL byte (%00)")
+        path = Path(unquoted)
         if access.local_root is None and not access.allow_local:
             raise ImageError(f"image {name}: file:// URLs are disabled")
     elif _SCHEME.match(text):
@@ -153,14 +228,17 @@ def _read_source(source: ImageSource, access: ImageAccess) -> tuple[bytes | Path
         raise ImageError(f"image {name}: local paths are not allowed here; send the image as a data URL")
     else:
         path = Path(text).expanduser()
-    if access.local_root is not None:
-        root = Path(access.local_root).resolve()
-        if not path.resolve().is_relative_to(root):
-            raise ImageError(f"image {name}: outside the allowed media folder {root}")
-    if not path.exists():
-        raise ImageError(f"image {name}: file not found")
-    if not path.is_file():
-        raise ImageError(f"image {name}: not a file")
+    try:
+        if access.local_root is not None:
+            root = Path(access.local_root).resolve()
+            if not path.resolve().is_relative_to(root):
+                raise ImageError(f"image {name}: outside the allowed media folder {root}")
+        if not path.exists():
+            raise ImageError(f"image {name}: file not found")
+        if not path.is_file():
+            raise ImageError(f"image {name}: not a file")
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a loop of links, ...
+        raise ImageError(f"image {name}: cannot be opened ({exc})") from exc
     return path, name
 
 
@@ -218,8 +296,8 @@ def load_image(
             ) from exc
         except UnidentifiedImageError as exc:
             raise ImageError(f"image {name}: not an image file or an unsupported format") from exc
-        except OSError as exc:
-            raise ImageError(f"image {name}: cannot be read ({exc})") from exc
+        except Exception as exc:  # Pillow's decoders also raise ValueError, SyntaxError, struct.error, ...
+            raise ImageError(f"image {name}: cannot be read ({type(exc).__name__}: {exc})") from exc
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError(
@@ -231,10 +309,17 @@ def load_image(
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt pixel data
-        raise ImageError(f"image {name}: corrupt or truncated image data ({exc})") from exc
-    return _to_rgb(image, name)
+        return _to_rgb(image, name)
+    except ImageError:
+        raise
+    except Exception as exc:  # truncated or corrupt pixel data; any decoder error is this image's alone
+        raise ImageError(f"image {name}: corrupt or truncated image data ({type(exc).__name__}: {exc})") from exc
 
+
+MAX_ASPECT_RATIO = 200
+"""Images more than this many times wider than tall (or taller than wide) are refused (Qwen2-VL's bound)."""
+MAX_CANVAS_SIDE = 4096
+"""``pad`` mode: a longer image side is first shrunk to this, so the square canvas stays ≤ 4096² pixels."""
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -274,15 +359,28 @@ class ImageTransform:
         if width == height:
             return image
         side = max(width, height)
+        if side > MAX_CANVAS_SIDE:  # the canvas grows with side²; shrink before allocating it
+            scale = MAX_CANVAS_SIDE / side
+            width, height = max(1, round(width * scale)), max(1, round(height * scale))
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+            side = max(width, height)
         fill = tuple(int(m * 255) for m in self.config.mean)  # as LLaVA's expand2square
         canvas = Image.new("RGB", (side, side), fill)
         canvas.paste(image, ((side - width) // 2, (side - height) // 2))
         return canvas
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """One RGB PIL image to a float32 ``(3, size, size)`` tensor."""
+    def __call__(self, image: Image.Image, name: str | None = None) -> torch.Tensor:
+        """One RGB PIL image to a float32 ``(3, size, size)`` tensor; ``name`` names it in errors.
+
+        Raises :class:`ImageError` for an aspect ratio over :data:`MAX_ASPECT_RATIO`."""
+        name = name or describe_source(image)
+        width, height = image.size
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise ImageError(
+                f"image {name}: {width}x{height} has an aspect ratio over {MAX_ASPECT_RATIO}:1; crop or pad it first"
+            )
         if image.mode != "RGB":
-            image = _to_rgb(image, describe_source(image))
+            image = _to_rgb(image, name)
         if self.config.resize_mode == "pad":
             image = self._square(image)
         size = self.config.size

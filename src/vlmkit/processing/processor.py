@@ -22,7 +22,14 @@ from vlmkit.processing.chat import (
     flatten_messages,
     place_images,
 )
-from vlmkit.processing.images import DEFAULT_MAX_PIXELS, ImageAccess, ImageTransform, ImageTransformConfig, load_image
+from vlmkit.processing.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageAccess,
+    ImageTransform,
+    ImageTransformConfig,
+    describe_source,
+    load_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +97,7 @@ class VLMProcessor:
         check_image_layout(image_layout, "image_layout")
         prepare_tokenizer(tokenizer, image_token)
         self.tokenizer = tokenizer
-        self.chat = ChatEncoder(tokenizer)
+        self.chat = ChatEncoder(tokenizer, image_token=image_token)
         self.image_config = image_config
         self.image_transform = ImageTransform(image_config)
         self.tokens_per_image = tokens_per_image
@@ -118,7 +125,7 @@ class VLMProcessor:
         for s in sources:
             if id(s) not in loaded:
                 image = load_image(s, max_pixels=self.max_pixels, access=self.image_access)
-                loaded[id(s)] = self.image_transform(image)
+                loaded[id(s)] = self.image_transform(image, describe_source(s))
         return torch.stack([loaded[id(s)] for s in sources])
 
     def encode(

@@ -107,10 +107,23 @@ class Scheduler:
                     self._active.pop(key, None)
         if admitted:
             try:
-                batch.add([(t.key, t.encoded, t.options) for t in admitted])
+                self._deliver(batch.add([(t.key, t.encoded, t.options) for t in admitted]))
             except Exception as exc:  # a failed prefill fails those requests, not the server
                 log.exception("prefill failed")
                 self._finish([t.key for t in admitted], exc)
+
+    def _deliver(self, events: list[StreamEvent]) -> None:
+        for event in events:
+            ticket = self._active.get(event.index)  # type: ignore[call-overload]
+            if ticket is None:
+                continue
+            if event.error is not None:  # this request failed on its own; the batch goes on
+                ticket.deliver(event.error)
+                self._finish([ticket.key])
+                continue
+            ticket.deliver(event)
+            if event.result is not None:
+                self._finish([ticket.key])
 
     def _finish(self, keys: list[int], error: BaseException | None = None) -> None:
         with self._cond:
@@ -135,10 +148,4 @@ class Scheduler:
                 self._finish(list(batch.keys), exc)  # type: ignore[arg-type]
                 batch = self.engine.new_batch()
                 continue
-            for event in events:
-                ticket = self._active.get(event.index)  # type: ignore[call-overload]
-                if ticket is None:
-                    continue
-                ticket.deliver(event)
-                if event.result is not None:
-                    self._finish([ticket.key])
+            self._deliver(events)

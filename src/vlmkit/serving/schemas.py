@@ -1,4 +1,10 @@
-"""Request bodies of the OpenAI chat completions API (the subset vlmkit serves), validated with pydantic."""
+"""Request bodies of the OpenAI chat completions API (the subset vlmkit serves), validated with pydantic.
+
+Types are strict (``"stream": "yes"`` is refused, not read as true). Every field is either applied, accepted as
+metadata that changes nothing (:data:`METADATA_FIELDS`), or refused by :func:`unsupported_fields` with the
+field's name: OpenAI fields vlmkit does not implement (:data:`UNSUPPORTED_FIELDS`) when set to anything but
+their neutral value, and unknown fields always.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +12,27 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+_STRICT = ConfigDict(strict=True, extra="ignore")  # extra fields: refused first, by unsupported_fields
+
 
 class StreamOptions(BaseModel):
+    model_config = _STRICT
+
     include_usage: bool = False
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
 
 
 class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions``. Unknown fields are ignored, as OpenAI-compatible servers do."""
+    """``POST /v1/chat/completions``: OpenAI's fields vlmkit applies, plus vLLM's ``top_k`` and
+    ``repetition_penalty`` (its "extra parameters")."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -29,10 +40,62 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    """vLLM's convention: -1 or 0 = off."""
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     n: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)  # accepted, not applied
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)  # accepted, not applied
+
+
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "store": (None, False),
+}
+"""OpenAI request fields vlmkit does not apply, with the values that ask for nothing (accepted)."""
+
+METADATA_FIELDS = frozenset({"user", "metadata", "service_tier", "parallel_tool_calls", "safety_identifier"})
+"""OpenAI fields that describe the request but don't change the answer: accepted and not used."""
+
+_MESSAGE_FIELDS = frozenset(ChatMessage.model_fields)
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    return value is None if neutral is None else type(value) is type(neutral) and value == neutral
+
+
+def unsupported_fields(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(field, reason)`` for every field of a request body that would be silently ignored."""
+    problems: list[tuple[str, str]] = []
+    for name, value in data.items():
+        if name in ChatCompletionRequest.model_fields or name in METADATA_FIELDS:
+            continue
+        if name in UNSUPPORTED_FIELDS:
+            if not any(_same(value, neutral) for neutral in UNSUPPORTED_FIELDS[name]):
+                problems.append((name, f"{name} is not supported by this server; leave it out"))
+        else:
+            problems.append((name, f"unknown field {name!r}"))
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        for i, message in enumerate(messages):
+            if isinstance(message, dict):
+                for name in message:
+                    if name not in _MESSAGE_FIELDS and message[name] is not None:
+                        problems.append((f"messages[{i}].{name}", f"messages[{i}].{name} is not supported"))
+    return problems

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -11,9 +12,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -23,8 +24,11 @@ from vlmkit.errors import ConfigError, ImageError, ProcessingError
 from vlmkit.inference.engine import StreamEvent
 from vlmkit.inference.options import GenerationOptions, GenerationResult
 from vlmkit.processing.images import ImageAccess
+from vlmkit.serving.body import parse_json, read_body
+from vlmkit.serving.errors import APIError
+from vlmkit.serving.guard import RequestGuard
 from vlmkit.serving.scheduler import QueueFull, Scheduler, ShuttingDown, Ticket
-from vlmkit.serving.schemas import ChatCompletionRequest
+from vlmkit.serving.schemas import ChatCompletionRequest, unsupported_fields
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +46,14 @@ class ServerSettings:
     allow_remote_images: bool = False
     allowed_local_media_path: str | None = None
     default_max_tokens: int = 256
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's body ``{"error": {"message", "type", "param", "code"}}``."""
-
-    TYPES: ClassVar[dict[int, str]] = {
-        400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-        413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-        503: "service_unavailable",
-    }  # fmt: skip
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}  # fmt: skip
-        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+    allowed_hosts: tuple[str, ...] | None = ("127.0.0.1", "localhost", "::1")
+    """Host header values served (DNS rebinding); None: any. ``vlmkit serve`` derives it from ``--host``."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins (``scheme://host[:port]``) besides the server's own that may POST; ``*``: any."""
+    body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    max_connections: int = 512
+    remote_image_timeout_s: float = 5.0
 
 
 def _messages(request: ChatCompletionRequest, max_images: int) -> list[dict[str, Any]]:
@@ -106,6 +98,8 @@ def _options(request: ChatCompletionRequest, settings: ServerSettings) -> Genera
             max_new_tokens=request.max_completion_tokens or request.max_tokens or settings.default_max_tokens,
             temperature=request.temperature if request.temperature is not None else 1.0,
             top_p=request.top_p if request.top_p is not None else 1.0,
+            top_k=max(request.top_k or 0, 0),
+            repetition_penalty=request.repetition_penalty if request.repetition_penalty is not None else 1.0,
             stop=tuple(stop),
             seed=request.seed,
         )
@@ -126,7 +120,8 @@ def create_app(vlm: Any, settings: ServerSettings) -> FastAPI:
     """The FastAPI app serving ``vlm`` (a :class:`vlmkit.api.VLM`) under ``settings``."""
     processor = vlm.processor
     root = Path(settings.allowed_local_media_path).resolve() if settings.allowed_local_media_path else None
-    processor.image_access = ImageAccess(allow_local=False, local_root=root, allow_remote=settings.allow_remote_images)
+    processor.image_access = ImageAccess(allow_local=False, local_root=root, allow_remote=settings.allow_remote_images,
+                                         remote_timeout=settings.remote_image_timeout_s)  # fmt: skip
     state: dict[str, Any] = {}
 
     @asynccontextmanager
@@ -136,7 +131,10 @@ def create_app(vlm: Any, settings: ServerSettings) -> FastAPI:
         log.info("draining in-flight requests")
         await run_in_threadpool(state["scheduler"].drain)
 
-    app = FastAPI(title="vlmkit", lifespan=lifespan)
+    # with an API key, the schema pages would tell anyone what the server takes: they are off
+    docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if settings.api_key else {}
+    app = FastAPI(title="vlmkit", lifespan=lifespan, **docs)  # type: ignore[arg-type]
+    app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, allowed_origins=settings.allowed_origins)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -158,8 +156,8 @@ def create_app(vlm: Any, settings: ServerSettings) -> FastAPI:
     def _authorise(request: Request) -> None:
         if settings.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {settings.api_key}":
+        header = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(header, f"Bearer {settings.api_key}".encode()):  # constant time
             raise APIError(401, "missing or incorrect API key", None, "invalid_api_key")
 
     @app.get("/health")
@@ -176,20 +174,17 @@ def create_app(vlm: Any, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _authorise(request)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":  # also what makes a cross-site form POST impossible
+            raise APIError(415, f"Content-Type must be application/json, got {kind or 'none'!r}", None,
+                           "unsupported_media_type")  # fmt: skip
         limit = int(settings.max_body_mb * 1024 * 1024)
-        too_large = APIError(
-            413, f"request body is over the {settings.max_body_mb:g} MB limit", None, "request_too_large"
-        )
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise too_large
-        raw = await request.body()
-        if len(raw) > limit:
-            raise too_large
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"malformed JSON body: {exc}", None, "invalid_json") from exc
+        raw = await read_body(request, limit, settings.max_body_mb, settings.body_timeout_s)
+        data = parse_json(raw)
+        if not isinstance(data, dict):
+            raise APIError(400, "the body must be a JSON object", None, "invalid_json")
+        for param, message in unsupported_fields(data):
+            raise APIError(400, message, param, "unsupported_parameter")
         try:
             body = ChatCompletionRequest.model_validate(data)
         except ValidationError as exc:
@@ -230,9 +225,11 @@ def create_app(vlm: Any, settings: ServerSettings) -> FastAPI:
                           include_usage, image_tokens)  # fmt: skip
             return StreamingResponse(stream, media_type="text/event-stream")
         try:
-            result = await _final(events)
+            result = await _final(events, request)
         finally:
             state["scheduler"].cancel(ticket)
+        if result is None:
+            return Response(status_code=499)  # the client has gone; nobody reads this
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": settings.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -243,9 +240,15 @@ def create_app(vlm: Any, settings: ServerSettings) -> FastAPI:
     return app
 
 
-async def _final(events: asyncio.Queue) -> GenerationResult:
+async def _final(events: asyncio.Queue, request: Request, poll_s: float = 0.25) -> GenerationResult | None:
+    """The request's result; None as soon as its client has disconnected (the caller cancels it)."""
     while True:
-        event = await events.get()
+        try:
+            event = await asyncio.wait_for(events.get(), poll_s)
+        except TimeoutError:
+            if await request.is_disconnected():
+                return None
+            continue
         if isinstance(event, BaseException):
             raise event
         if event.result is not None:

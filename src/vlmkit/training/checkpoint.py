@@ -10,7 +10,9 @@ A checkpoint ``OUTPUT/checkpoints/step-00000120/`` holds:
 * ``checkpoint.json``: the position and the full training config, readable.
 
 Only folders named ``step-<8 digits>`` are checkpoints; the rename is atomic, so a kill at any instant leaves
-the previous checkpoint complete and the next run removes any leftover temporary folder.
+the previous checkpoint complete and the next run removes any leftover temporary folder. A checkpoint damaged
+anyway (a ``trainer_state.pt`` cut short when the data never reached the disk, say) is passed over on resume
+for the one before it, with a warning (:func:`load_resume`).
 """
 
 from __future__ import annotations
@@ -134,30 +136,80 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------- load
 
 
-def resolve_resume(resume: str | Path | bool | None, output_dir: str | Path) -> Path | None:
-    """The checkpoint to resume: a checkpoint folder, a run folder (its latest), or True (the output folder's
-    latest). None/False: no resume. A resume with nothing to resume from raises CheckpointError."""
-    if resume is None or resume is False:
-        return None
-    target = Path(output_dir) if resume is True else Path(resume)
+def _resume_candidates(resume: str | Path | bool, output_dir: str | Path) -> tuple[list[Path], bool]:
+    """The checkpoints ``resume`` may use, newest first, and whether it named one checkpoint folder."""
+    target = Path(output_dir) if isinstance(resume, bool) else Path(resume)  # callers pass no False
     if _NAME.match(target.name) and target.is_dir():
-        return target
+        return [target], True
     for root in (target / CHECKPOINT_DIR, target):
         found = list_checkpoints(root)
         if found:
-            return found[-1]
+            return found[::-1], False
     raise CheckpointError(f"nothing to resume: no checkpoint (step-NNNNNNNN) in {target}")
 
 
+def resolve_resume(resume: str | Path | bool | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint to resume: a checkpoint folder, a run folder (its latest), or True (the output folder's
+    latest). None/False: no resume. A resume with nothing to resume from raises CheckpointError. Whether the
+    checkpoint can be read is not checked: :func:`load_resume` does."""
+    if resume is None or resume is False:
+        return None
+    return _resume_candidates(resume, output_dir)[0][0]
+
+
+def _readable_state(path: str | Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint folder, once its ``trainer_state.pt`` and ``checkpoint.json`` are
+    known to read; a CheckpointError naming the damaged or missing file otherwise."""
+    state = read_trainer_state(path)
+    read_meta(path)
+    if not isinstance(state, dict) or not isinstance(state.get("position"), dict):
+        raise CheckpointError(f"{Path(path) / TRAINER_STATE}: not a vlmkit trainer state (no position)")
+    return state
+
+
+def load_resume(resume: str | Path | bool | None, output_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume (see :func:`resolve_resume`) and its trainer state; None/False: no resume.
+
+    With ``resume`` True or a run folder, a latest checkpoint that cannot be read (a truncated
+    ``trainer_state.pt`` after a crash or a full disk, say) is passed over for the one before it, with a warning
+    naming the damaged file and the checkpoint used instead; with no readable checkpoint left, a CheckpointError
+    names every damaged file. A checkpoint folder given explicitly is used or refused, never replaced.
+    """
+    if resume is None or resume is False:
+        return None
+    candidates, explicit = _resume_candidates(resume, output_dir)
+    problems: list[str] = []
+    for path in candidates:
+        try:
+            state = _readable_state(path)
+        except CheckpointError as exc:
+            if explicit:
+                others = [p.name for p in list_checkpoints(path.parent) if p != path]
+                hint = f"; resume from another checkpoint there ({', '.join(others)})" if others else ""
+                raise CheckpointError(f"{exc}{hint}") from exc
+            problems.append(str(exc))
+            continue
+        if problems:
+            log.warning("%s; resuming from the previous readable checkpoint %s instead", "; ".join(problems), path)
+        return path, state
+    raise CheckpointError(
+        f"nothing to resume: no readable checkpoint in {candidates[0].parent} ({'; '.join(problems)})"
+    )
+
+
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
-    """The ``trainer_state.pt`` of a checkpoint folder."""
+    """The ``trainer_state.pt`` of a checkpoint folder; a CheckpointError naming the file when it is missing or
+    cannot be read (truncated, empty, not a torch file)."""
     file = Path(path) / TRAINER_STATE
     if not file.is_file():
         raise CheckpointError(f"{path}: no {TRAINER_STATE}; not a complete training checkpoint")
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors come in many types; all mean a damaged file
-        raise CheckpointError(f"{file}: cannot be read ({exc})") from exc
+        size = file.stat().st_size
+        raise CheckpointError(
+            f"{file}: cannot be read; the file is damaged or truncated ({size} bytes: {exc})"
+        ) from exc
 
 
 def write_meta(folder: Path, position: dict[str, Any], config: dict[str, Any]) -> None:
@@ -166,7 +218,15 @@ def write_meta(folder: Path, position: dict[str, Any], config: dict[str, Any]) -
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
+    """The ``checkpoint.json`` of a checkpoint folder; a CheckpointError naming the file when it is missing or
+    is not a JSON object."""
     file = Path(path) / META_FILE
     if not file.is_file():
         raise CheckpointError(f"{path}: no {META_FILE}; not a complete training checkpoint")
-    return json.loads(file.read_text())
+    try:
+        meta = json.loads(file.read_bytes())
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{file}: cannot be read; the file is damaged or truncated ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file}: cannot be read; expected a JSON object, got {type(meta).__name__}")
+    return meta

@@ -220,8 +220,8 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         self._check_data()
-        resume_from = ckpt.resolve_resume(self.resume, self.output_dir)
-        state = ckpt.read_trainer_state(resume_from) if resume_from is not None else None
+        found = ckpt.load_resume(self.resume, self.output_dir)  # passes over a damaged latest checkpoint
+        resume_from, state = found if found is not None else (None, None)
         existing = ckpt.list_checkpoints(self.checkpoint_root)
         if state is None and existing:
             raise ConfigError(
