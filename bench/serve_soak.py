@@ -21,17 +21,10 @@ import httpx
 import uvicorn
 from common import bench_model, shapes_images
 from serve_load import image_url, level
+from shapes_synth import _rss_mb as rss_mb
 
 from vlmkit.serving.http import uvicorn_config
 from vlmkit.serving.server import ServerSettings, create_app
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def attacks(port: int) -> dict[str, dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,18 @@ def solid_image(color=(200, 30, 30), size=(40, 30)):
 def image_turn(text: str, n_images: int = 1, color=(200, 30, 30)) -> dict:
     parts = [{"type": "image", "image": solid_image(color)} for _ in range(n_images)]
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """Run ``vlmkit data ARGS`` in-process (only the data commands registered); returns (exit code, stdout, stderr)."""
+    from vlmkit import cli
+
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("data",))
+
+    def _run(*args: str | Path) -> tuple[int, str, str]:
+        code = cli.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run

@@ -9,23 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlmkit import cli
 from vlmkit.data.formats import FORMATS, open_dataset
 from vlmkit.data.shapes import split_of_image
 from vlmkit.data.tasks import POPE_CATEGORIES
-
-
-@pytest.fixture
-def run(monkeypatch, capsys):
-    """Run ``vlmkit ARGS`` in-process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("data",))
-
-    def _run(*args: str | Path) -> tuple[int, str, str]:
-        code = cli.main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return _run
 
 
 def _section(out: str, title: str) -> dict[str, int]:

@@ -10,36 +10,12 @@ import pytest
 from PIL import Image
 
 from conftest import compose_tiny
-from vlmkit import cli
+from test_data_cli import _section
 from vlmkit.data.formats import PROBLEMS, RecordError, open_dataset
 from vlmkit.data.sample import reply_problem
 from vlmkit.errors import DataError
 from vlmkit.models.compose import save_pretrained
 from vlmkit.training import train
-
-
-@pytest.fixture
-def run(monkeypatch, capsys):
-    """Run ``vlmkit ARGS`` in-process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("data",))
-
-    def _run(*args: str | Path) -> tuple[int, str, str]:
-        code = cli.main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return _run
-
-
-def _section(out: str, title: str) -> dict[str, int]:
-    """The ``name  count`` rows printed under ``title:``."""
-    rows = {}
-    for line in out.split(f"{title}:\n")[1].splitlines():
-        if not line.startswith("  "):
-            break
-        name, count = line.split()[:2]
-        rows[name] = int(count)
-    return rows
 
 
 def _turn(role: str, text: str) -> dict[str, str]:

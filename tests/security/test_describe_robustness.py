@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import compose_tiny
+from test_describe import make_images
 from vlmkit.api import VLM
 from vlmkit.cli import main
 from vlmkit.inference import describe as describe_module
@@ -19,16 +20,6 @@ from vlmkit.inference.describe import describe, read_done
 def vlm():
     torch.manual_seed(0)
     return VLM(*compose_tiny())
-
-
-def make_images(folder, n, start=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(start, start + n):
-        path = folder / f"img{i:04d}.png"
-        Image.new("RGB", (20 + i % 7, 16), (i * 37 % 255, 90, 200)).save(path)
-        paths.append(path)
-    return paths
 
 
 def records(path):
