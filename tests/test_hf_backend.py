@@ -37,7 +37,9 @@ from vlmkit.api import VLM
 from vlmkit.errors import ImageError, ProcessingError
 from vlmkit.inference.describe import describe
 from vlmkit.inference.options import GenerationOptions
-from vlmkit.interop.hf_backend import HFEngine, _images_only, is_transformers_vlm
+from vlmkit.interop.hf_backend import is_transformers_vlm
+from vlmkit.interop.hf_engine import HFEngine
+from vlmkit.interop.hf_processor import _images_only
 from vlmkit.processing.tokenizer_training import train_bpe_tokenizer
 
 QWEN2_VL_TEMPLATE = (

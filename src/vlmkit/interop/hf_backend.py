@@ -10,29 +10,21 @@ streaming, batches, describe, eval and the server work unchanged.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from jinja2 import TemplateError
-from PIL import Image
-from transformers import BatchFeature, PreTrainedModel
+from transformers import PreTrainedModel
 
-from vlmkit.errors import CheckpointError, ProcessingError
-from vlmkit.inference.engine import Conversation
+from vlmkit.errors import CheckpointError
 from vlmkit.interop.hf_engine import HFEngine
-from vlmkit.processing.chat import check_message
-from vlmkit.processing.images import DEFAULT_MAX_PIXELS, ImageAccess, load_image
+from vlmkit.interop.hf_processor import HFProcessor, load_hf_processor
 
 log = logging.getLogger(__name__)
 
 NATIVE_MODEL_TYPES = frozenset({"llava"})
 """Image-text-to-text model types vlmkit imports as its own models (see :mod:`vlmkit.interop.hf_llava`)."""
-IMAGE_KEYS = ("image", "url", "path", "base64")
 
 
 # -- detection and loading ------------------------------------------------------------------------------------
@@ -53,47 +45,6 @@ def is_transformers_vlm(folder: str | Path) -> bool:
     return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in NATIVE_MODEL_TYPES
 
 
-def _images_only(cls: type) -> type:
-    """``cls`` without its video processor: transformers' video processors need torchvision, images don't."""
-    attributes = [name for name in cls.get_attributes() if "video" not in name]  # type: ignore[attr-defined]
-    return type(cls.__name__, (cls,), {"video_processor": None, "get_attributes": classmethod(lambda _: attributes)})
-
-
-def load_hf_processor(name_or_path: str | Path, model_type: str) -> Any:
-    """The model's own processor (tokenizer, image processor, chat template) for a hub id or folder.
-
-    Without torchvision, processors that also handle video (Qwen2-VL, InternVL, SmolVLM ...) are loaded without
-    their video part, which transformers can't build then; images are unaffected.
-    """
-    from transformers import AutoProcessor, ProcessorMixin
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
-    from transformers.utils import is_torchvision_available
-
-    cls = None
-    if not is_torchvision_available() and PROCESSOR_MAPPING_NAMES.get(model_type):
-        cls = processor_class_from_name(PROCESSOR_MAPPING_NAMES[model_type])
-        if not (isinstance(cls, type) and issubclass(cls, ProcessorMixin)):
-            cls = None
-        elif any("video" in name for name in cls.get_attributes()):
-            log.info("torchvision is not installed: loading %s without its video processor", cls.__name__)
-            cls = _images_only(cls)
-    try:
-        processor = (cls or AutoProcessor).from_pretrained(str(name_or_path))
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"{name_or_path}: cannot load the model's processor ({exc})") from exc
-    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
-        raise CheckpointError(
-            f"{name_or_path}: the processor has no image processor or tokenizer; a vision-language checkpoint "
-            "needs both (preprocessor_config.json / processor_config.json and the tokenizer files)"
-        )
-    if not processor.chat_template:
-        raise CheckpointError(
-            f"{name_or_path}: the processor has no chat template (chat_template.jinja), so vlmkit can't turn "
-            "messages into prompts for it; use the chat/instruct version of the model"
-        )
-    return processor
-
-
 def load_transformers_vlm(
     name_or_path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, HFProcessor, HFEngine]:
@@ -110,94 +61,3 @@ def load_transformers_vlm(
     model.to(device).eval()  # type: ignore[arg-type]
     processor = HFProcessor(load_hf_processor(name_or_path, config.model_type))
     return model, processor, HFEngine(model, processor)
-
-
-# -- messages → model inputs ----------------------------------------------------------------------------------
-class HFProcessor:
-    """vlmkit's view of a transformers processor: ``tokenizer``, ``max_pixels``, ``image_access`` and batching.
-
-    Messages take every form vlmkit accepts (string content, text/image/image_url parts); images are loaded
-    with :func:`load_image` under ``image_access`` and ``max_pixels`` before the model's processor sees them.
-    """
-
-    def __init__(
-        self, processor: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS, image_access: ImageAccess | None = None
-    ) -> None:
-        self.processor = processor
-        self.max_pixels = max_pixels
-        self.image_access = image_access or ImageAccess()
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.processor.tokenizer
-
-    @functools.cached_property
-    def control_tokens(self) -> list[str]:
-        """The tokenizer's special tokens (turn markers, image placeholders, EOS, ...)."""
-        decoder = getattr(self.tokenizer, "added_tokens_decoder", {})
-        return sorted({t.content for t in decoder.values() if t.special})
-
-    def _plain(self, text: str, where: str) -> str:
-        """Refuse message text holding special-token strings: transformers' processors tokenize the rendered
-        prompt as one string, so such text would become control tokens (a user could forge turns)."""
-        for token in self.control_tokens:
-            if token in text:
-                raise ProcessingError(
-                    f"{where}: the text contains the model's special token {token!r}, which this backend can't "
-                    "keep as plain text; remove it"
-                )
-        return text
-
-    def _load(self, source: Any) -> Image.Image:
-        return load_image(source, max_pixels=self.max_pixels, access=self.image_access)
-
-    def _part(self, part: Any, where: str) -> dict[str, Any]:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            return {"type": "text", "text": self._plain(str(part.get("text", "")), where)}
-        if kind == "image":
-            key = next((k for k in IMAGE_KEYS if k in part), None)
-            if key is None:
-                raise ProcessingError(f"{where}: image part without 'image', 'url', 'path' or 'base64'")
-            source = part[key]
-            if key == "base64" and isinstance(source, str) and not source.startswith("data:"):
-                source = f"data:;base64,{source}"  # a bare base64 payload
-            return {"type": "image", "image": self._load(source)}
-        if kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not url:
-                raise ProcessingError(f"{where}: image_url part without a url")
-            return {"type": "image", "image": self._load(url)}
-        raise ProcessingError(f"{where}: unknown content part type {kind!r}; valid types: text, image, image_url")
-
-    def conversation(self, messages: Conversation, name: str = "conversation") -> list[dict[str, Any]]:
-        """``messages`` in transformers' content-parts form, every image loaded as an RGB PIL image."""
-        if not isinstance(messages, list) or not messages:
-            raise ProcessingError(f"{name}: a conversation must be a non-empty list of messages")
-        out = []
-        for index, message in enumerate(messages):
-            where = f"{name}, message {index}"
-            role, content = check_message(message, where)
-            if isinstance(content, str):
-                parts = [{"type": "text", "text": self._plain(content, where)}]
-            elif isinstance(content, list):
-                parts = [self._part(part, where) for part in content]
-            else:
-                raise ProcessingError(f"{where}: content must be a string or a list of parts")
-            out.append({"role": role, "content": parts})
-        return out
-
-    def prepare(self, conversations: Sequence[list[dict[str, Any]]]) -> BatchFeature:
-        """Normalised conversations → one left-padded batch of model inputs, via the model's chat template."""
-        try:
-            return self.processor.apply_chat_template(
-                list(conversations),
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-                processor_kwargs={"padding": True, "padding_side": "left"},
-            )
-        except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
-            raise ProcessingError(f"the model's processor could not turn the conversations into inputs: {exc}") from exc

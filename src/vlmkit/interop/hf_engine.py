@@ -12,7 +12,7 @@ import queue
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import (
@@ -28,10 +28,8 @@ from vlmkit.errors import ProcessingError
 from vlmkit.inference.engine import Conversation
 from vlmkit.inference.options import GenerationOptions, GenerationResult
 from vlmkit.inference.rows import RowState, StreamEvent
+from vlmkit.interop.hf_processor import HFProcessor
 from vlmkit.processing.limits import check_text_fits
-
-if TYPE_CHECKING:
-    from vlmkit.interop.hf_backend import HFProcessor
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +194,7 @@ Item = tuple[Hashable, Conversation | HFEncoded, GenerationOptions]
 
 
 class HFEngine:
-    """Batched generation for a transformers VLM and its :class:`~vlmkit.interop.hf_backend.HFProcessor`.
+    """Batched generation for a transformers VLM and its :class:`~vlmkit.interop.hf_processor.HFProcessor`.
 
     The checkpoint's sampling defaults (``generation_config.json``) are not used: vlmkit's options decide, with
     vlmkit's sampling rules (so a seeded request gives the same tokens alone or in any batch).

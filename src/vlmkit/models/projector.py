@@ -1,30 +1,23 @@
-"""Projectors: map vision features to the LM's embedding space. An exact-name registry."""
+"""Projectors: map vision features to the LM's embedding space, by exact name (:data:`PROJECTORS`)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from torch import nn
 
 from vlmkit.errors import RegistryError
+from vlmkit.registry import Registry
 
 ProjectorFactory = Callable[[int, int], nn.Module]
+"""``(in_features, out_features) -> nn.Module``."""
 
-_MLP_GELU = re.compile(r"^mlp(?P<depth>[1-9][0-9]?)x_gelu$")
-_FIXED: dict[str, ProjectorFactory] = {}
+PROJECTORS: Registry[ProjectorFactory] = Registry("projector")
 
 
 def register_projector(name: str) -> Callable[[ProjectorFactory], ProjectorFactory]:
     """Register a projector factory ``(in_features, out_features) -> nn.Module`` under an exact name."""
-
-    def decorator(factory: ProjectorFactory) -> ProjectorFactory:
-        if name in _FIXED or _MLP_GELU.match(name):
-            raise RegistryError(f"projector {name!r} is already registered")
-        _FIXED[name] = factory
-        return factory
-
-    return decorator
+    return PROJECTORS.register(name)
 
 
 class IdentityProjector(nn.Identity):
@@ -54,16 +47,18 @@ def mlp_gelu(in_features: int, out_features: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+PROJECTORS.register_family(
+    r"mlp(?P<depth>[1-9][0-9]?)x_gelu",
+    lambda match: lambda i, o: mlp_gelu(i, o, int(match.group("depth"))),
+    "mlp{N}x_gelu (N = 1..99, e.g. mlp2x_gelu)",
+)
+
+
 def projector_names() -> list[str]:
     """Valid names: the fixed ones plus the ``mlp{N}x_gelu`` family."""
-    return [*sorted(_FIXED), "mlp{N}x_gelu (N = 1..99, e.g. mlp2x_gelu)"]
+    return PROJECTORS.names()
 
 
 def build_projector(name: str, in_features: int, out_features: int) -> nn.Module:
     """Build a projector by exact name; an unknown name raises an error listing the valid ones."""
-    match = _MLP_GELU.match(name)
-    if match:
-        return mlp_gelu(in_features, out_features, int(match.group("depth")))
-    if name in _FIXED:
-        return _FIXED[name](in_features, out_features)
-    raise RegistryError(f"unknown projector {name!r}; valid names: {', '.join(projector_names())}")
+    return PROJECTORS.get(name)(in_features, out_features)
