@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 import vlmkit
-from vlmkit.api import NOTICES
 from vlmkit.cli import main
 from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.models.builtin import BUILTIN_MODELS
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_demo_runs_on_shipped_examples(capsys):
     assert main(["demo"]) == 0
     captured = capsys.readouterr()
     assert captured.out.count("shapes-") == 4
-    assert captured.err.count(NOTICES["default"]) == 1 and "UNTRAINED" not in captured.err
+    assert captured.err.count(BUILTIN_MODELS.get("default").notice) == 1 and "UNTRAINED" not in captured.err
 
 
 def test_cli_eval_suite_and_resume(tmp_path, capsys):

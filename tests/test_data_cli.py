@@ -25,7 +25,7 @@ def _section(out: str, title: str) -> dict[str, int]:
     return rows
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", FORMATS.names())
 def test_synth_then_check_every_format(run, tmp_path, fmt):
     code, out, _ = run("data", "synth", "--out", tmp_path, "--split", "val", "--n", 24, "--format", fmt,
                        "--workers", 1, "--no-progress")  # fmt: skip

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 import vlmkit
-from vlmkit.api import BUILTIN_DIR, NOTICES
 from vlmkit.cli import main
 from vlmkit.data.shapes import WORDS, render_png, sample_scene
+from vlmkit.models.builtin import BUILTIN_DIR, BUILTIN_MODELS
 from vlmkit.processing.images import load_image
 
 
@@ -30,7 +30,7 @@ def test_weights_are_shipped_small_and_self_described():
 
 
 def test_loads_offline_with_its_notice(default):
-    assert default.name == "default" and default.notice == NOTICES["default"]
+    assert default.name == "default" and default.notice == BUILTIN_MODELS.get("default").notice
     assert "synthetic shapes" in default.notice
     counts = default.model.parameter_summary()
     assert sum(c.total for c in counts.values()) < 7_500_000
@@ -41,7 +41,7 @@ def test_cli_says_once_that_it_is_a_demo_model(tmp_path, capsys):
     path.write_bytes(render_png(sample_scene("test", 0, 0)))
     assert main(["chat", "--image", str(path), "--max-new-tokens", "4", "How many objects are there?"]) == 0
     captured = capsys.readouterr()
-    assert captured.err.count(NOTICES["default"]) == 1 and captured.out.strip()
+    assert captured.err.count(BUILTIN_MODELS.get("default").notice) == 1 and captured.out.strip()
 
 
 def _ask(vlm, images, question: str, max_new_tokens: int = 8) -> list[str]:

@@ -105,3 +105,21 @@ def test_grid_stage_policy_and_data_are_checked(assets, tmp_path):
     no_truth = {**GRID_STAGE, "data": [{"path": str(assets.mixed)}], "batch_size": 2}
     with pytest.raises(DataError, match="has no meta.truth"):
         train(run_config(assets, tmp_path / "b", no_truth))
+
+
+def test_grid_stage_resumed_midway_repeats_the_uninterrupted_run(assets, tmp_path):
+    """Stopped inside the stage, the run checkpoints the tower, the heads and the optimizer; resuming it repeats
+    every per-step loss and accuracy of the uninterrupted run, and ends with the same weights."""
+    grid = {**GRID_STAGE, "data": [{"path": str(assets.captions)}]}
+    full = train(run_config(assets, tmp_path / "full", grid))
+    config = run_config(assets, tmp_path / "parts", grid)
+    first = train(config, callbacks=[lambda r: r.get("event") == "step" and r["step"] == 3])
+    assert first.interrupted and first.checkpoint.name == "step-00000003"
+    assert "heads" in ckpt.read_trainer_state(first.checkpoint)["objective"]
+    resumed = train(config, resume=True)
+    assert first.losses + resumed.losses == full.losses
+    steps = step_records(read_metrics(tmp_path / "parts"))
+    assert [r["stage_step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert [r["accuracy"] for r in steps] == [r["accuracy"] for r in step_records(read_metrics(tmp_path / "full"))]
+    a, b = load_file(str(full.final_dir / "model.safetensors")), load_file(str(resumed.final_dir / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -36,7 +36,6 @@ from conftest import CORPUS
 from vlmkit.api import VLM
 from vlmkit.errors import ImageError, ProcessingError
 from vlmkit.inference.describe import describe
-from vlmkit.inference.options import GenerationOptions
 from vlmkit.interop.hf_backend import is_transformers_vlm
 from vlmkit.interop.hf_engine import HFEngine
 from vlmkit.interop.hf_processor import _images_only
@@ -266,75 +265,9 @@ def test_greedy_equals_transformers(vlm, folders, images):
     assert vlm.chat("Describe the image.", images=[str(path)], max_new_tokens=10) == result.text
 
 
-def test_batch_equals_one_by_one(vlm, images):
-    conversations = [
-        [turn("Describe the image.", str(images / "img0.png"))],
-        [{"role": "user", "content": "How many stars are there? Tell me now."}],  # text only, string content
-        [turn("What colour is the hexagon?", str(images / "img1.png"), str(images / "img2.png"))],
-    ]
-    batched = vlm.generate_batch(conversations, max_new_tokens=8)
-    assert len({tuple(r.token_ids) for r in batched}) > 1  # the rows really differ
-    for conversation, result in zip(conversations, batched, strict=True):
-        alone = vlm.generate_batch([conversation], max_new_tokens=8)[0]
-        assert (result.token_ids, result.text, result.prompt_tokens) == (
-            alone.token_ids,
-            alone.text,
-            alone.prompt_tokens,
-        )
-        assert result.completion_tokens == alone.completion_tokens
-    assert batched[2].prompt_tokens > batched[0].prompt_tokens  # image tokens count in the prompt
-
-
-def test_stream_concatenates_to_chat(vlm, images):
-    prompt, image = "Describe the image.", str(images / "img1.png")
-    pieces = list(vlm.stream(prompt, images=[image], max_new_tokens=12))
-    assert "".join(pieces) == vlm.chat(prompt, images=[image], max_new_tokens=12)
-    # a batch streams every row to its own final text
-    conversations = [[turn(prompt, image)], [{"role": "user", "content": "hi"}]]
-    texts, results = ["", ""], {}
-    for event in vlm.engine.stream_batch(conversations, GenerationOptions(max_new_tokens=6)):
-        texts[event.index] += event.text
-        if event.result is not None:
-            results[event.index] = event.result
-    assert texts == [results[0].text, results[1].text]
-
-
 @pytest.fixture(scope="module")
 def qwen(folders) -> VLM:
     return load_vlm(folders / "qwen2_vl")
-
-
-def test_stop_strings_and_finish_reasons(qwen, images):
-    conversation = [turn("Describe the image.", str(images / "img0.png"))]
-    full = qwen.generate_batch([conversation], max_new_tokens=16)[0]
-    assert full.finish_reason == "length" and full.completion_tokens == 16 == len(full.token_ids)
-    stop = full.text[len(full.text) // 2 :][:2]
-    assert stop
-    cut = qwen.generate_batch([conversation], max_new_tokens=16, stop=[stop])[0]
-    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
-    assert cut.completion_tokens < 16
-    streamed = "".join(qwen.stream(conversation, max_new_tokens=16, stop=[stop]))
-    assert streamed == cut.text
-    # an end-of-turn token ends the row with "stop" and no text
-    first = full.token_ids[0]
-    qwen.engine.stop_ids.add(first)
-    try:
-        ended = qwen.generate_batch([conversation], max_new_tokens=16)[0]
-    finally:
-        qwen.engine.stop_ids.discard(first)
-    assert ended.finish_reason == "stop" and ended.text == "" and ended.completion_tokens == 1
-
-
-def test_per_row_options_and_seeded_sampling(qwen, images):
-    conversations = [[turn("Describe the image.", str(images / "img0.png"))], [{"role": "user", "content": "hi"}]]
-    options = [GenerationOptions(max_new_tokens=n) for n in (3, 7)]
-    assert [r.completion_tokens for r in qwen.engine.generate(conversations, options)] == [3, 7]
-    sampled = dict(max_new_tokens=10, temperature=1.5, top_k=50, top_p=0.95, repetition_penalty=1.2, seed=3)
-    one = qwen.generate_batch(conversations[:1], **sampled)[0]
-    assert one.token_ids == qwen.generate_batch(conversations[:1], **sampled)[0].token_ids
-    assert one.token_ids == qwen.generate_batch(conversations, **sampled)[0].token_ids  # independent of the batch
-    others = {tuple(qwen.generate_batch(conversations[:1], **(sampled | {"seed": s}))[0].token_ids) for s in range(4)}
-    assert len(others) > 1
 
 
 def test_describe_a_folder(qwen, images, tmp_path):
@@ -390,39 +323,6 @@ def test_closing_a_stream_early_stops_the_worker(qwen, images):
     stream.close()
     assert not [t for t in threading.enumerate() if t.name == "vlmkit-hf-generate"]
     assert isinstance(qwen.engine, HFEngine)
-
-
-def test_server_interface_encode_and_running_batch(qwen, images):
-    engine = qwen.engine
-    conversations = [
-        [turn("Describe the image.", str(images / "img0.png"))],
-        [{"role": "user", "content": "hi"}],
-        [turn("What colour?", str(images / "img1.png"), str(images / "img2.png"))],
-    ]
-    encoded = [engine.encode(c) for c in conversations]
-    assert len(encoded[0].image_token_counts) == 1 and len(encoded[2].image_token_counts) == 2
-    assert encoded[1].image_token_counts == []
-    options = GenerationOptions(max_new_tokens=6)
-    alone = [engine.generate([c], options)[0] for c in conversations]
-    assert [len(e.input_ids) for e in encoded] == [r.prompt_tokens for r in alone]
-
-    batch = engine.new_batch()
-    batch.add([("a", encoded[0], options), ("b", encoded[1], options)])
-    texts: dict[str, str] = {"a": "", "b": "", "c": ""}
-    results = {}
-    steps = 0
-    while batch:
-        for event in batch.step():
-            texts[event.index] += event.text
-            if event.result is not None:
-                results[event.index] = event.result
-        steps += 1
-        if steps == 1:
-            batch.add([("c", encoded[2], options)])  # waits for the running batch, then starts
-            batch.cancel({"b"})
-    assert set(results) == {"a", "c"}
-    assert results["a"].token_ids == alone[0].token_ids and results["c"].token_ids == alone[2].token_ids
-    assert texts["a"] == results["a"].text and texts["c"] == results["c"].text
 
 
 def test_template_errors_are_processing_errors(folders):

@@ -10,10 +10,11 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline
 
 import vlmkit
 from conftest import clip_config, compose_tiny, llama_config, qwen2_config, siglip_config, solid_image
-from vlmkit.api import BUILTIN_DIR, VLM
+from vlmkit.api import VLM
 from vlmkit.cli import main
 from vlmkit.errors import ConfigError
 from vlmkit.interop.hf_llava import export_hf_llava, load_hf_llava
+from vlmkit.models.builtin import BUILTIN_DIR
 from vlmkit.models.compose import load_pretrained
 
 PROMPTS = ["Describe the image.", "What colour is it?", "How many stars are there?", "Is there a red circle?",

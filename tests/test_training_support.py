@@ -91,8 +91,6 @@ def cli_command(*args: str) -> list[str]:
 
 
 def parse_cli(*args: str) -> argparse.Namespace:
-    from vlmkit.commands import train
+    from vlmkit.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="vlmkit")
-    train.register(parser.add_subparsers())
-    return parser.parse_args(["train", *args])
+    return build_parser(["train", *args]).parse_args(["train", *args])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 from vlmkit.errors import RegistryError
@@ -17,10 +18,14 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Entries of one ``kind`` by exact name, plus optional name families (a pattern and a builder)."""
+    """Entries of one ``kind`` by exact name, plus optional name families (a pattern and a builder).
 
-    def __init__(self, kind: str) -> None:
+    Names are listed sorted, or in registration order with ``ordered=True`` (where the order means something,
+    e.g. the eval tasks a help text lists)."""
+
+    def __init__(self, kind: str, *, ordered: bool = False) -> None:
         self.kind = kind
+        self.ordered = ordered
         self._entries: dict[str, T] = {}
         self._families: list[tuple[re.Pattern[str], Callable[[re.Match[str]], T], str]] = []
 
@@ -54,8 +59,17 @@ class Registry(Generic[T]):
         raise RegistryError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}")
 
     def names(self) -> list[str]:
-        """The registered names, sorted, then each family as it is shown."""
-        return [*sorted(self._entries), *(shown for _, _, shown in self._families)]
+        """The registered names (sorted, or in registration order), then each family as it is shown."""
+        return [*self, *(shown for _, _, shown in self._families)]
+
+    @contextmanager
+    def temporary(self, name: str, entry: T) -> Iterator[T]:
+        """Register ``entry`` for the duration of a ``with`` block (tests, experiments)."""
+        self.add(name, entry)
+        try:
+            yield entry
+        finally:
+            del self._entries[name]
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
@@ -63,8 +77,11 @@ class Registry(Generic[T]):
         return name in self._entries or any(pattern.fullmatch(name) for pattern, _, _ in self._families)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._entries))
+        return iter(list(self._entries) if self.ordered else sorted(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def items(self) -> list[tuple[str, T]]:
-        """The exactly-named entries, sorted by name (families are not enumerable)."""
-        return sorted(self._entries.items())
+        """The exactly-named entries in listing order (families are not enumerable)."""
+        return [(name, self._entries[name]) for name in self]

@@ -78,8 +78,7 @@ def run(args: argparse.Namespace) -> int:
         pending = []
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("chat", help="chat with a model about images (one answer, or interactive)")
+def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="answer this once and exit; without it, start a session")
     add_model_args(parser)
     parser.add_argument("--image", action="append", default=[], metavar="PATH", help="attach an image (repeatable)")

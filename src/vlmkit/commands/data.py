@@ -28,9 +28,8 @@ def parse_turns(text: str) -> tuple[int, int]:
     return low, high
 
 
-def register(subparsers: Any) -> None:
+def register(parser: argparse.ArgumentParser) -> None:
     """Add ``data`` and its subcommands (synth, check, convert, export-eval) to the CLI."""
-    parser = subparsers.add_parser("data", help="generate, check, convert and export datasets")
     parser.set_defaults(func=lambda args: _help(parser))
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
 
@@ -44,7 +43,7 @@ def register(subparsers: Any) -> None:
     synth.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
     synth.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     synth.add_argument("--turns", default="2-4", help="questions per multiturn sample: FEWEST-MOST (e.g. 6-10)")
-    synth.add_argument("--shard-size", type=int, default=10_000, help="samples per tar shard (wds)")
+    synth.add_argument("--shard-size", type=int, help="samples per tar shard (wds only; default 10000)")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that split")
     synth.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     synth.set_defaults(func=cmd_synth)

@@ -38,6 +38,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="describe the example images shipped with vlmkit")
+def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)

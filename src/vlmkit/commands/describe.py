@@ -42,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("describe", help="describe images (files, folders, globs) into a JSONL file")
+def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
     add_model_args(parser)
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)

@@ -39,10 +39,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(parser: argparse.ArgumentParser) -> None:
     from vlmkit.evaluation.tasks import task_names
 
-    parser = subparsers.add_parser("eval", help="evaluate a model (POPE, VQA, GQA, ANLS, grounding, captions, MCQ)")
     add_model_args(parser)
     parser.add_argument("--task", choices=task_names())
     parser.add_argument("--data", help="evaluation JSONL file")

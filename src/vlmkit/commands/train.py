@@ -5,16 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 
-def register(subparsers: Any) -> None:
-    """Add ``train`` to the CLI."""
-    parser = subparsers.add_parser(
-        "train",
-        help="train a VLM from a YAML/TOML config (align, instruct, LoRA, resume, torchrun)",
-        description="Train as CONFIG says. Under torchrun (--nproc_per_node=N -m vlmkit train ...) it runs DDP.",
-    )
+def register(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``train``."""
     parser.add_argument("config", help="a .yaml, .yml, .toml or .json training config (see docs/training.md)")
     parser.add_argument(
         "--set",

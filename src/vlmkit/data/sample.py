@@ -8,9 +8,6 @@ from typing import Any
 
 from PIL import Image
 
-IMAGE_TOKEN = "<image>"
-"""The marker that stands for one image inside message text (LLaVA convention)."""
-
 
 def reply_problem(messages: Sequence[Mapping[str, Any]]) -> str | None:
     """Why a conversation (roles ``system``/``user``/``assistant``) has nothing to train on, or None when it has.

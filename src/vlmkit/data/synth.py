@@ -138,7 +138,7 @@ def write_synthetic(
     *,
     workers: int = 1,
     overwrite: bool = False,
-    shard_size: int = 10_000,
+    shard_size: int | None = None,
     progress: Progress | None = None,
 ) -> Path:
     """Generate ``n`` samples of ``config`` straight into a ``format`` dataset named after the split.

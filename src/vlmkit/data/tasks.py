@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from vlmkit.data.sample import IMAGE_TOKEN
 from vlmkit.data.shapes import CELLS, COLOURS, SHAPE_PLURALS, SHAPES, Box, Scene, popularity_ranking
 from vlmkit.errors import ConfigError
+from vlmkit.tokens import IMAGE_TOKEN
 
 TASKS = ("caption", "exist", "attribute", "position", "count", "grounding", "text", "multiturn")
 SINGLE_TURN_TASKS = TASKS[:-1]

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from vlmkit import jsonl
 from vlmkit.errors import ConfigError, DataError, VlmkitError
 from vlmkit.evaluation.tasks import EvalSample, Task, get_task
 
@@ -79,43 +79,23 @@ def load_samples(
     return samples
 
 
+def _check_prediction(row: dict[str, Any]) -> None:
+    if "id" not in row or "prediction" not in row:
+        raise ValueError("not a prediction row: it needs 'id' and 'prediction'")
+
+
 def read_predictions(path: str | Path) -> dict[str, dict[str, Any]]:
     """The rows of a ``predictions.jsonl`` by id, repairing a torn last line (cut off by a crash) in place.
 
     A malformed line before the last one is a DataError; a repeated id keeps its first row.
     """
-    path = Path(path)
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
     rows: dict[str, dict[str, Any]] = {}
-    lines = data.split(b"\n")
-    last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
-    offset, torn = 0, False
-    for index, raw in enumerate(lines):
-        try:
-            row = json.loads(raw) if raw.strip() else None
-            if row is not None and (not isinstance(row, dict) or "id" not in row or "prediction" not in row):
-                raise ValueError("not a prediction row")
-        except ValueError as exc:
-            if index != last:
-                raise DataError(f"{path}:{index + 1}: malformed prediction row ({exc})") from exc
-            logger.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(raw))
-            with path.open("r+b") as f:
-                f.truncate(offset)
-            torn = True
-            break
-        offset += len(raw) + 1
-        if row is None:
-            continue
-        key = str(row["id"])
+    for row in jsonl.read_rows(path, _check_prediction, "a prediction row", "{path}:{line}"):
+        key = str(row.data["id"])
         if key in rows:
-            logger.warning("%s:%d: id %r already predicted; keeping the first row", path, index + 1, key)
+            logger.warning("%s:%d: id %r already predicted; keeping the first row", path, row.line, key)
             continue
-        rows[key] = row
-    if not torn and data and not data.endswith(b"\n"):
-        with path.open("ab") as f:  # a complete last row cut before its newline: end the line before appending
-            f.write(b"\n")
+        rows[key] = row.data
     return rows
 
 
@@ -197,22 +177,20 @@ def run_samples(
     pending = [s for s in samples if s.id not in done]
     predictions = {k: str(v["prediction"]) for k, v in done.items()}
     start = time.perf_counter()
-    writer = (out / PREDICTIONS_FILE).open("a", encoding="utf-8") if out is not None else None
+    writer = (out / PREDICTIONS_FILE).open("ab") if out is not None else None
     try:
         with tqdm(total=len(samples), initial=resumed, desc=task.name, unit="sample", disable=not progress) as bar:
             for lo in range(0, len(pending), batch_size):
                 batch = pending[lo : lo + batch_size]
                 inputs = [_blank_sample(s) for s in batch] if blank_images else batch
                 answers = _call(predictor, inputs)
-                lines = []
+                rows = []
                 for sample, answer in zip(batch, answers, strict=True):
                     predictions[sample.id] = answer
-                    row = {"id": sample.id, "prompt": sample.prompt, "prediction": answer, **task.score(sample, answer)}
-                    lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+                    rows.append({"id": sample.id, "prompt": sample.prompt, "prediction": answer,
+                                 **task.score(sample, answer)})  # fmt: skip
                 if writer is not None:
-                    writer.write("".join(lines))
-                    writer.flush()
-                    os.fsync(writer.fileno())
+                    jsonl.append_rows(writer, rows)
                 bar.update(len(batch))
     finally:
         if writer is not None:

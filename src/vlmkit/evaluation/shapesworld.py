@@ -3,16 +3,17 @@
 Questions are the canonical ones of :func:`vlmkit.data.tasks.eval_items` (the same items ``vlmkit data
 export-eval`` writes), asked without any prompt suffix, exactly as the built-in model was trained. Scoring:
 
-- ``exist``: POPE (LLaVA parsing), F1 and the other metrics per category;
+- ``exist``: the ``pope`` task (LLaVA parsing), F1 and the other metrics per category;
 - ``attribute`` (colour of a shape, shape of a colour, object in a cell), ``position``, ``count``, ``text``:
-  exact match against the accepted answers after VQA normalisation (lower-case, punctuation, number words to
-  digits, articles dropped), so ``"A large red circle."`` matches ``large red circle`` and ``three`` matches
-  ``3``;
-- ``grounding``: the ``[x1, y1, x2, y2]`` pixel answer parsed with :func:`~vlmkit.evaluation.metrics.parse_box`,
-  accuracy at IoU ≥ 0.5 and mean IoU;
+  exact match against the accepted answers after VQA normalisation (:class:`ExactAnswer`: lower-case,
+  punctuation, number words to digits, articles dropped), so ``"A large red circle."`` matches
+  ``large red circle`` and ``three`` matches ``3``;
+- ``grounding``: the ``grounding`` task (boxes not rounded): the ``[x1, y1, x2, y2]`` pixel answer parsed with
+  :func:`~vlmkit.evaluation.metrics.parse_box`, accuracy at IoU ≥ 0.5 and mean IoU;
 - ``caption``: whether the caption names exactly the right set of objects (every ``[size] colour shape``
   mention parsed; the set of colour/shape pairs must equal the scene's and every stated size must be right),
-  object precision/recall, and BLEU/ROUGE-L/CIDEr against the reference paraphrases.
+  object precision/recall (:class:`CaptionObjects`), and the ``caption`` task's BLEU/ROUGE-L/CIDEr against the
+  reference paraphrases.
 
 ``blank_images`` replaces every image by a blank one of the same size and background colour: the ablation
 that shows how much of a score comes from the image rather than from language priors.
@@ -24,6 +25,7 @@ image given once, in the first user turn, as users write it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -35,16 +37,9 @@ from PIL import Image
 from vlmkit.data.shapes import COLOURS, SHAPE_PLURALS, SHAPES, SIZES, Scene
 from vlmkit.data.tasks import POPE_CATEGORIES, EvalItem
 from vlmkit.errors import ConfigError
-from vlmkit.evaluation.metrics import (
-    binary_metrics,
-    caption_metrics,
-    grounding_metrics,
-    iou,
-    parse_box,
-    pope_parse,
-    vqa_normalize_answer,
-)
-from vlmkit.evaluation.tasks import EvalSample, Metrics, Task
+from vlmkit.evaluation.metrics import vqa_normalize_answer
+from vlmkit.evaluation.tasks import EvalSample, Metrics, Task, get_task
+from vlmkit.evaluation.tasks.base import mean
 from vlmkit.processing.images import load_image
 
 SUITE_TASKS = ("exist", "attribute", "position", "count", "grounding", "text", "caption")
@@ -147,36 +142,90 @@ def _caption_score(prediction: str, truth: Sequence[Sequence[str]]) -> dict[str,
     }
 
 
+class ExactAnswer(Task):
+    """Exact match after VQA normalisation against any of ``reference["answers"]``; with ``kinds``, also the
+    accuracy per ``reference["kind"]`` (``by_kind``, in the order of ``kinds``)."""
+
+    def __init__(self, kinds: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.kinds = tuple(kinds)
+
+    def score(self, sample: EvalSample, prediction: str) -> dict[str, Any]:
+        pred = vqa_normalize_answer(prediction)
+        return {"score": float(any(pred == vqa_normalize_answer(a) for a in sample.reference["answers"]))}
+
+    def aggregate(self, samples: Sequence[EvalSample], predictions: Sequence[str]) -> Metrics:
+        scores = [self.score(s, p)["score"] for s, p in zip(samples, predictions, strict=True)]
+        out: Metrics = {"accuracy": mean(scores), "n": len(scores)}
+        if self.kinds:
+            kinds = [s.reference["kind"] for s in samples]
+            by_kind = {k: [v for v, kind in zip(scores, kinds, strict=True) if kind == k] for k in self.kinds}
+            out["by_kind"] = {k: mean(values) for k, values in by_kind.items() if values}
+        return out
+
+
+class CaptionObjects(Task):
+    """Whether a caption names exactly the scene's objects (``reference["objects"]``), object precision and
+    recall, and the ``caption`` task's BLEU/ROUGE-L/CIDEr against the paraphrases (``reference["answers"]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.captions = get_task("caption")
+
+    def score(self, sample: EvalSample, prediction: str) -> dict[str, Any]:
+        return _caption_score(prediction, sample.reference["objects"])
+
+    def aggregate(self, samples: Sequence[EvalSample], predictions: Sequence[str]) -> Metrics:
+        scored = [self.score(s, p) for s, p in zip(samples, predictions, strict=True)]
+        named, correct, truth = (sum(r[k] for r in scored) for k in ("named", "correct", "truth"))
+        out: Metrics = {
+            "objects_exact": mean([r["score"] for r in scored]),
+            "object_precision": correct / named if named else 0.0,
+            "object_recall": correct / truth if truth else 0.0,
+        }
+        references = [dataclasses.replace(s, reference={"captions": s.reference["answers"]}) for s in samples]
+        out.update(self.captions.aggregate(references, predictions))
+        return out
+
+
 class ShapesWorldSuite(Task):
-    """All ShapesWorld task types at once; samples come from :func:`iter_suite_samples`, not from a file."""
+    """All ShapesWorld task types at once; samples come from :func:`iter_suite_samples`, not from a file.
+
+    Each task type is scored by one task object (:attr:`parts`): the registered ``pope`` and ``grounding``
+    tasks, :class:`ExactAnswer` and :class:`CaptionObjects`.
+    """
 
     name = "shapesworld"
+
+    def __init__(self) -> None:
+        super().__init__()
+        short = ExactAnswer()
+        parts: dict[str, Task] = {
+            "exist": get_task("pope"),
+            "attribute": ExactAnswer(ATTRIBUTE_KINDS),
+            "position": short,
+            "count": short,
+            "grounding": get_task("grounding", box_decimals=None),
+            "text": short,
+            "caption": CaptionObjects(),
+        }
+        self.parts = {task: parts[task] for task in SUITE_TASKS}
 
     def read(self, row: dict[str, Any], where: str, image_root: Any) -> EvalSample:
         raise ConfigError("the ShapesWorld suite generates its own samples; run it with evaluate_suite")
 
     def score(self, sample: EvalSample, prediction: str) -> dict[str, Any]:
-        ref = sample.reference
-        task = ref["task"]
-        if task == "exist":
-            parsed = pope_parse(prediction)
-            return {"score": float(parsed == ref["label"]), "parsed": parsed}
-        if task == "grounding":
-            box = parse_box(prediction, *ref["size"])
-            return {"score": 0.0 if box is None else iou(box, ref["bbox"]), "box": None if box is None else list(box)}
-        if task == "caption":
-            return _caption_score(prediction, ref["objects"])
-        pred = vqa_normalize_answer(prediction)
-        return {"score": float(any(pred == vqa_normalize_answer(a) for a in ref["answers"]))}
+        return self.parts[sample.reference["task"]].score(sample, prediction)
 
     def aggregate(self, samples: Sequence[EvalSample], predictions: Sequence[str]) -> Metrics:
-        by_task: dict[str, list[tuple[EvalSample, str, dict[str, Any]]]] = {t: [] for t in SUITE_TASKS}
-        for s, p in zip(samples, predictions, strict=True):
-            by_task.setdefault(s.reference["task"], []).append((s, p, self.score(s, p)))
         metrics: Metrics = {}
-        for task, rows in by_task.items():
+        for task, part in self.parts.items():
+            rows = [(s, p) for s, p in zip(samples, predictions, strict=True) if s.reference["task"] == task]
             if rows:
-                metrics[task] = _aggregate_task(task, rows)
+                metrics[task] = part.aggregate([s for s, _ in rows], [p for _, p in rows])
+        if "exist" in metrics:  # the categories in their fixed order
+            exist = metrics["exist"]
+            metrics["exist"] = {"overall": exist["overall"], **{c: exist[c] for c in POPE_CATEGORIES if c in exist}}
         return metrics
 
     def summary(self, metrics: Metrics) -> dict[str, Any]:
@@ -200,37 +249,3 @@ class ShapesWorldSuite(Task):
             m = metrics["caption"]
             out.update({"caption: exact object set": m["objects_exact"], "caption CIDEr": m["cider"]})
         return out
-
-
-def _aggregate_task(task: str, rows: list[tuple[EvalSample, str, dict[str, Any]]]) -> Metrics:
-    scores = [r[2]["score"] for r in rows]
-    n = len(rows)
-    if task == "exist":
-        preds = [r[2]["parsed"] for r in rows]
-        labels = [r[0].reference["label"] for r in rows]
-        out: Metrics = {"overall": binary_metrics(preds, labels)}
-        for category in POPE_CATEGORIES:
-            idx = [i for i, r in enumerate(rows) if r[0].reference["category"] == category]
-            if idx:
-                out[category] = binary_metrics([preds[i] for i in idx], [labels[i] for i in idx])
-        return out
-    if task == "grounding":
-        return grounding_metrics([None if r[2]["box"] is None else r[2]["score"] for r in rows])
-    if task == "caption":
-        named, correct, truth = (sum(r[2][k] for r in rows) for k in ("named", "correct", "truth"))
-        out = {
-            "objects_exact": sum(scores) / n,
-            "object_precision": correct / named if named else 0.0,
-            "object_recall": correct / truth if truth else 0.0,
-        }
-        out.update(caption_metrics([r[1] for r in rows], [r[0].reference["answers"] for r in rows]))
-        return out
-    out = {"accuracy": sum(scores) / n, "n": n}
-    if task == "attribute":
-        kinds = [r[0].reference["kind"] for r in rows]
-        out["by_kind"] = {
-            k: sum(r[2]["score"] for r, kind in zip(rows, kinds, strict=True) if kind == k) / kinds.count(k)
-            for k in ATTRIBUTE_KINDS
-            if k in kinds
-        }
-    return out

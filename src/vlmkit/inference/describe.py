@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from vlmkit.errors import ConfigError, DataError, VlmkitError
+from vlmkit import jsonl
+from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.inference.options import GenerationOptions
 from vlmkit.processing.images import load_image
+
+if TYPE_CHECKING:
+    from vlmkit.api import VLM
 
 log = logging.getLogger(__name__)
 
@@ -99,22 +102,10 @@ def _read_rows(out: Path) -> list[_Row]:
 
     A malformed line anywhere else means the file is not ours: an error, and the file is left untouched.
     """
-    if not out.exists():
-        return []
-    lines = out.read_bytes().split(b"\n")
-    torn = lines.pop()  # b"" when the file ends with a newline
-    rows: list[_Row] = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            row = json.loads(line)
-            rows.append(_Row(_row_key(row), row.get("error") is not None, line))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{out}, line {number}: not a describe record ({exc}); the file was not changed") from exc
-    if torn:
-        log.warning("%s: removing a torn last line (%d bytes) left by an interrupted run", out, len(torn))
-        with out.open("r+b") as handle:
-            handle.truncate(out.stat().st_size - len(torn))
-    return rows
+    return [
+        _Row(_row_key(row.data), row.data.get("error") is not None, row.raw)
+        for row in jsonl.read_rows(out, _row_key, "a describe record")
+    ]
 
 
 def read_done(out: Path) -> set[str]:
@@ -135,17 +126,7 @@ def _compact(out: Path) -> int:
     dropped = len(rows) - len(last)
     if not dropped:
         return 0
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as handle:
-            for line in last.values():  # a dict keeps each key where it was first inserted
-                handle.write(line + b"\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    jsonl.rewrite(out, last.values())  # a dict keeps each key where it was first inserted
     log.info("%s: dropped %d superseded row(s)", out, dropped)
     return dropped
 
@@ -184,7 +165,7 @@ class DescribeSummary:
         return (self.described + self.errors) / self.seconds if self.seconds else 0.0
 
 
-def _generate_each(vlm: Any, convs: list, options: GenerationOptions) -> list[Any]:
+def _generate_each(vlm: VLM, convs: list, options: GenerationOptions) -> list[Any]:
     """One result per conversation, generated together; when the batch fails, each alone, so a failure is only
     its own image's (its exception in its place)."""
     try:
@@ -208,7 +189,7 @@ def _batches(items: list[tuple[str, Path]], size: int) -> Iterator[list[tuple[st
 
 
 def describe(
-    vlm: Any,
+    vlm: VLM,
     paths: Sequence[str | Path],
     out: str | Path,
     *,
@@ -278,9 +259,7 @@ def describe(
             for record in records:
                 summary.errors += record["error"] is not None
                 summary.described += record["error"] is None
-            handle.write(b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in records))
-            handle.flush()
-            os.fsync(handle.fileno())
+            jsonl.append_rows(handle, records)
             bar.update(len(batch))
     bar.close()
     if retried or superseded:

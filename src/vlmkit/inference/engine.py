@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from vlmkit.backends.base import EXPORT, TRAIN
 from vlmkit.errors import ProcessingError
 from vlmkit.inference import kv_cache
 from vlmkit.inference.options import GenerationOptions, GenerationResult
@@ -25,8 +27,17 @@ log = logging.getLogger(__name__)
 Conversation = list[dict[str, Any]]
 
 
+def token_ids(value: Any) -> list[int]:
+    """An ``eos_token_id``-style value (None, one id or a list) as a list."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else [int(v) for v in value]
+
+
 class Engine:
-    """Batched generation for a :class:`VisionLanguageModel` and its :class:`VLMProcessor`."""
+    """Batched generation for a :class:`VisionLanguageModel` and its :class:`VLMProcessor` (the native backend)."""
+
+    capabilities = frozenset({EXPORT, TRAIN})
 
     def __init__(self, model: VisionLanguageModel, processor: VLMProcessor) -> None:
         self.model = model.eval()
@@ -34,7 +45,10 @@ class Engine:
         config = model.language_model.config
         self.context_length: int = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
         self.vocab_size: int = model.language_model.get_output_embeddings().weight.shape[0]
-        self.stop_ids = set(processor.stop_token_ids)
+        # the template's end of turn and EOS, and every end-of-sequence id the LM's generation config lists
+        # (Llama 3 has three)
+        generation = getattr(model.language_model, "generation_config", None)
+        self.stop_ids = set(processor.stop_token_ids) | set(token_ids(getattr(generation, "eos_token_id", None)))
 
     # -- encoding -------------------------------------------------------------------------------------------
     def encode(self, conversation: Conversation, name: str = "request") -> EncodedSample:
@@ -193,7 +207,7 @@ class DecodeBatch:
             self.next_pos = torch.cat([self.next_pos, positions[:, -1] + 1])
             self.rows += rows
 
-    def cancel(self, keys: set[Hashable]) -> None:
+    def cancel(self, keys: AbstractSet[Hashable]) -> None:
         """Drop rows (e.g. a client went away) without emitting anything for them."""
         self._keep([r for r, row in enumerate(self.rows) if row.key not in keys])
 

@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ from transformers import (
 )
 
 from vlmkit.errors import ProcessingError
-from vlmkit.inference.engine import Conversation
+from vlmkit.inference.engine import Conversation, token_ids
 from vlmkit.inference.options import GenerationOptions, GenerationResult
 from vlmkit.inference.rows import RowState, StreamEvent
 from vlmkit.interop.hf_processor import HFProcessor
@@ -61,7 +62,7 @@ class _Rows(StoppingCriteria):
         self.stop_ids = stop_ids
         self.emit = emit
 
-    def cancel(self, keys: set[Hashable] | None = None) -> None:
+    def cancel(self, keys: AbstractSet[Hashable] | None = None) -> None:
         """Stop rows (all rows when ``keys`` is None) at the next step, without a result."""
         for row in self.rows:
             if keys is None or row.key in keys:
@@ -169,12 +170,6 @@ class _Generation:
             self.thread.join()
 
 
-def _token_ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, int) else [int(v) for v in value]
-
-
 def _runs(ids: list[int], placeholders: set[int]) -> list[int]:
     """Lengths of the contiguous runs of placeholder tokens in ``ids``."""
     counts: list[int] = []
@@ -200,6 +195,9 @@ class HFEngine:
     vlmkit's sampling rules (so a seeded request gives the same tokens alone or in any batch).
     """
 
+    capabilities: frozenset[str] = frozenset()
+    """Runs only: export and training need a native model."""
+
     def __init__(self, model: PreTrainedModel, processor: HFProcessor) -> None:
         self.model = model.eval()
         self.processor = processor
@@ -208,7 +206,7 @@ class HFEngine:
         head = model.get_output_embeddings()
         self.vocab_size: int = head.weight.shape[0] if head is not None else int(text_config.vocab_size)
         tokenizer = processor.tokenizer
-        self.stop_ids = set(_token_ids(model.generation_config.eos_token_id) + _token_ids(tokenizer.eos_token_id))
+        self.stop_ids = set(token_ids(model.generation_config.eos_token_id) + token_ids(tokenizer.eos_token_id))
         pad = model.generation_config.pad_token_id
         pad = pad if pad is not None else tokenizer.pad_token_id
         self.pad_token_id: int | None = pad if pad is not None else min(self.stop_ids, default=None)
@@ -372,7 +370,7 @@ class HFDecodeBatch:
         self._waiting.extend(items)
         return []
 
-    def cancel(self, keys: set[Hashable]) -> None:
+    def cancel(self, keys: AbstractSet[Hashable]) -> None:
         """Drop requests without emitting anything for them."""
         self._waiting = [item for item in self._waiting if item[0] not in keys]
         if self._generation is not None:

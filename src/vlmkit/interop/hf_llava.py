@@ -142,7 +142,7 @@ def llava_state_dict(model: VisionLanguageModel, layout: str = "original") -> di
     return out
 
 
-def _image_processor(processor: VLMProcessor, patch_size: int):
+def _image_processor(processor: VLMProcessor):
     from transformers.models.llava import image_processing_pil_llava
 
     config = processor.image_config
@@ -175,7 +175,7 @@ def export_hf_llava(model: VisionLanguageModel, processor: VLMProcessor, out: st
     template = parts_template(processor.chat.template, processor.image_layout)
     tower = model.vision_tower
     hf_processor = LlavaProcessor(
-        image_processor=_image_processor(processor, tower.model.config.patch_size),
+        image_processor=_image_processor(processor),
         tokenizer=tokenizer,
         patch_size=tower.model.config.patch_size,
         vision_feature_select_strategy=tower.select_strategy,

@@ -13,17 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
-from PIL import Image
 from transformers import BatchFeature
 
 from vlmkit.errors import CheckpointError, ProcessingError
-from vlmkit.processing.chat import check_message
-from vlmkit.processing.images import DEFAULT_MAX_PIXELS, ImageAccess, load_image
+from vlmkit.processing.conversation import parse_conversation
+from vlmkit.processing.images import DEFAULT_MAX_PIXELS, ImageAccess
 
 log = logging.getLogger(__name__)
 
 Conversation = list[dict[str, Any]]
-IMAGE_KEYS = ("image", "url", "path", "base64")
 
 
 def _images_only(cls: type) -> type:
@@ -103,45 +101,12 @@ class HFProcessor:
                 )
         return text
 
-    def _load(self, source: Any) -> Image.Image:
-        return load_image(source, max_pixels=self.max_pixels, access=self.image_access)
-
-    def _part(self, part: Any, where: str) -> dict[str, Any]:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            return {"type": "text", "text": self._plain(str(part.get("text", "")), where)}
-        if kind == "image":
-            key = next((k for k in IMAGE_KEYS if k in part), None)
-            if key is None:
-                raise ProcessingError(f"{where}: image part without 'image', 'url', 'path' or 'base64'")
-            source = part[key]
-            if key == "base64" and isinstance(source, str) and not source.startswith("data:"):
-                source = f"data:;base64,{source}"  # a bare base64 payload
-            return {"type": "image", "image": self._load(source)}
-        if kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not url:
-                raise ProcessingError(f"{where}: image_url part without a url")
-            return {"type": "image", "image": self._load(url)}
-        raise ProcessingError(f"{where}: unknown content part type {kind!r}; valid types: text, image, image_url")
-
     def conversation(self, messages: Conversation, name: str = "conversation") -> list[dict[str, Any]]:
-        """``messages`` in transformers' content-parts form, every image loaded as an RGB PIL image."""
-        if not isinstance(messages, list) or not messages:
-            raise ProcessingError(f"{name}: a conversation must be a non-empty list of messages")
-        out = []
-        for index, message in enumerate(messages):
-            where = f"{name}, message {index}"
-            role, content = check_message(message, where)
-            if isinstance(content, str):
-                parts = [{"type": "text", "text": self._plain(content, where)}]
-            elif isinstance(content, list):
-                parts = [self._part(part, where) for part in content]
-            else:
-                raise ProcessingError(f"{where}: content must be a string or a list of parts")
-            out.append({"role": role, "content": parts})
-        return out
+        """``messages`` (any form :func:`parse_conversation` reads) in transformers' content-parts form, every
+        image loaded as an RGB PIL image; text with special-token strings is refused."""
+        return parse_conversation(messages, name=name).to_transformers(
+            max_pixels=self.max_pixels, access=self.image_access, check_text=self._plain, name=name
+        )
 
     def prepare(self, conversations: Sequence[list[dict[str, Any]]]) -> BatchFeature:
         """Normalised conversations → one left-padded batch of model inputs, via the model's chat template."""

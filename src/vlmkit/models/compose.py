@@ -14,9 +14,10 @@ from vlmkit.errors import ConfigError
 from vlmkit.models.projector import build_projector
 from vlmkit.models.vision import VisionTower, normalisation_for
 from vlmkit.models.vlm import VisionLanguageModel, build_language_model
-from vlmkit.processing.chat import IMAGE_TOKEN, ImageLayout
+from vlmkit.processing.chat import ImageLayout
 from vlmkit.processing.images import ImageTransformConfig
 from vlmkit.processing.processor import VLMProcessor, prepare_tokenizer
+from vlmkit.tokens import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,11 @@ def compose(
     )
     tower = VisionTower.from_config(vision_config, dtype=dtype)
     language_model = build_language_model(LMConfig(source=l_source, hf_config=l_hf), dtype=dtype)
+    # every end-of-sequence id the LM stops on (Llama 3 lists three in generation_config.json): into its config,
+    # which the checkpoint inlines, so a saved and reloaded model stops on them too
+    eos = getattr(getattr(language_model, "generation_config", None), "eos_token_id", None)
+    if eos is not None:
+        language_model.config.eos_token_id = eos
 
     if tokenizer is None:
         if l_source is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +22,45 @@ from transformers import (
 from vlmkit.config import VisionConfig
 from vlmkit.errors import ConfigError
 from vlmkit.processing.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from vlmkit.registry import Registry
 
 log = logging.getLogger(__name__)
 
-# Exact model_type -> (model class, has a CLS token first). Other towers go through AutoModel.
-TOWERS: dict[str, tuple[type[PreTrainedModel], bool]] = {
-    "clip_vision_model": (CLIPVisionModel, True),
-    "siglip_vision_model": (SiglipVisionModel, False),
-}
-# Normalisation used by each tower family's own image processor.
-TOWER_NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
-    "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """What vlmkit knows about one family of vision towers (a transformers ``model_type``)."""
+
+    model_class: type[PreTrainedModel] | None
+    """The class to load (None: transformers' ``AutoModel`` mapping)."""
+    prefix_tokens: Callable[[PretrainedConfig], int]
+    """Tokens before the patches in the hidden states: a CLS token, register tokens."""
+    mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    std: tuple[float, ...] = OPENAI_CLIP_STD
+    """Normalisation of the family's own image processor (a tower folder's preprocessor_config.json wins)."""
+
+
+TOWERS: Registry[TowerSpec] = Registry("vision tower")
+"""Tower families by transformers ``model_type``; any other vision model works too, its CLS token detected."""
+
+TOWERS.add("clip_vision_model", TowerSpec(CLIPVisionModel, lambda _: 1))
+TOWERS.add("siglip_vision_model", TowerSpec(SiglipVisionModel, lambda _: 0, (0.5,) * 3, (0.5,) * 3))
+TOWERS.add("dinov2", TowerSpec(None, lambda _: 1, IMAGENET_MEAN, IMAGENET_STD))
+TOWERS.add("dinov2_with_registers", TowerSpec(
+    None, lambda config: 1 + int(getattr(config, "num_register_tokens", 0)), IMAGENET_MEAN, IMAGENET_STD
+))  # fmt: skip
+TOWERS.add("vit", TowerSpec(None, lambda _: 1, (0.5,) * 3, (0.5,) * 3))
+
+
+def _detected_prefix_tokens(model: PreTrainedModel) -> int:
+    """CLS (``class_embedding`` as in CLIP, ``cls_token`` as in ViT/Dinov2) plus register tokens, if any."""
+    embeddings = getattr(getattr(model, "vision_model", model), "embeddings", None)
+    cls = int(any(hasattr(embeddings, name) for name in ("class_embedding", "cls_token")))
+    registers = getattr(embeddings, "register_tokens", None)
+    return cls + (int(registers.shape[1]) if isinstance(registers, torch.Tensor | nn.Parameter) else 0)
 
 
 def _vision_part(config: PretrainedConfig) -> PretrainedConfig:
@@ -54,8 +82,9 @@ def hf_config_from_dict(data: dict[str, Any], what: str) -> PretrainedConfig:
 
 
 def _tower_class(config: PretrainedConfig) -> type[PreTrainedModel]:
-    if config.model_type in TOWERS:
-        return TOWERS[config.model_type][0]
+    spec = TOWERS.get(config.model_type) if config.model_type in TOWERS else None
+    if spec is not None and spec.model_class is not None:
+        return spec.model_class
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     try:
@@ -70,7 +99,10 @@ def normalisation_for(config: VisionConfig, model_type: str) -> tuple[tuple[floa
         data = json.loads((Path(config.source) / "preprocessor_config.json").read_text())
         if "image_mean" in data and "image_std" in data:
             return tuple(data["image_mean"]), tuple(data["image_std"])
-    return TOWER_NORMALISATION.get(model_type, (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+    if model_type in TOWERS:
+        spec = TOWERS.get(model_type)
+        return spec.mean, spec.std
+    return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 class VisionTower(nn.Module):
@@ -80,11 +112,11 @@ class VisionTower(nn.Module):
         super().__init__()
         self.model = model
         hf = model.config
-        has_cls = TOWERS.get(hf.model_type, (None, None))[1]
-        if has_cls is None:
-            has_cls = hasattr(getattr(model, "vision_model", model), "embeddings") and hasattr(
-                getattr(getattr(model, "vision_model", model), "embeddings", None), "class_embedding"
-            )
+        if hf.model_type in TOWERS:
+            prefix = TOWERS.get(hf.model_type).prefix_tokens(hf)
+        else:
+            prefix = _detected_prefix_tokens(model)
+        has_cls = prefix > 0
         if select_strategy == "auto":
             select_strategy = "default" if has_cls else "full"
         if select_strategy not in ("default", "full"):
@@ -101,6 +133,8 @@ class VisionTower(nn.Module):
         self.feature_layer = feature_layer
         self.select_strategy = select_strategy
         self.has_cls = has_cls
+        self.prefix_tokens = prefix
+        """Non-patch tokens first in the hidden states (CLS, registers); ``default`` drops them."""
         self._layers = layers
 
     @classmethod
@@ -135,7 +169,7 @@ class VisionTower(nn.Module):
         patch = self.model.config.patch_size
         height = height or self.image_size
         width = width or self.image_size
-        extra = 1 if self.has_cls and self.select_strategy == "full" else 0
+        extra = self.prefix_tokens if self.select_strategy == "full" else 0
         return (height // patch) * (width // patch) + extra
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -145,5 +179,5 @@ class VisionTower(nn.Module):
         hidden = outputs.hidden_states
         selected = [hidden[layer] for layer in self._layers]
         if self.select_strategy == "default":
-            selected = [h[:, 1:] for h in selected]
+            selected = [h[:, self.prefix_tokens :] for h in selected]
         return selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)

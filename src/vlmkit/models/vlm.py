@@ -18,8 +18,7 @@ from vlmkit.config import FORMAT_VERSION, LMConfig, VLMConfig
 from vlmkit.errors import CheckpointError, ConfigError, ImageTokenMismatchError
 from vlmkit.models.projector import build_projector
 from vlmkit.models.vision import VisionTower, hf_config_from_dict
-
-IGNORE_INDEX = -100
+from vlmkit.tokens import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +156,15 @@ class VisionLanguageModel(nn.Module):
         """Logits (and the LM loss over ``labels`` != -100) of the LM on the spliced embeddings.
 
         Position ids default to the running count of attended tokens, so left padding gets correct positions.
-        ``image_counts`` (images per row, from the processor) is accepted and unused: placement is by token.
-        ``supervised_loss=True`` (training) returns ``{"loss_sum", "targets"}`` from
+        ``image_counts`` (images per row, from the processor) is checked against the images given (placement
+        itself is by token). ``supervised_loss=True`` (training) returns ``{"loss_sum", "targets"}`` from
         :meth:`supervised_loss_sum` instead, through ``forward`` so that DDP sees the call (``loss_weights``:
         per-position weights of that sum).
         """
+        if image_counts is not None:
+            given = 0 if pixel_values is None else int(pixel_values.shape[0])
+            if image_features is None and int(image_counts.sum()) != given:
+                raise ConfigError(f"image_counts says {int(image_counts.sum())} image(s) but {given} were given")
         if supervised_loss:
             if labels is None:
                 raise ConfigError("supervised_loss=True needs labels")

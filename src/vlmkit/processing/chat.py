@@ -9,13 +9,12 @@ markers, so any Jinja template works as long as rendering a prefix of the conver
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 from transformers import PreTrainedTokenizerBase
 
-from vlmkit.errors import ImageTokenMismatchError, ProcessingError
-
-IMAGE_TOKEN = "<image>"
+from vlmkit.errors import ProcessingError
+from vlmkit.tokens import IMAGE_TOKEN
 
 # ChatML, used when the tokenizer has no chat template of its own.
 DEFAULT_CHAT_TEMPLATE = (
@@ -25,7 +24,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 DEFAULT_TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>")
-ROLES = ("system", "user", "assistant")
 
 ImageLayout = Literal["as_written", "after_each_question"]
 """Where a processor puts the image tokens of a conversation (see :func:`place_images`)."""
@@ -36,73 +34,6 @@ def check_image_layout(layout: str, name: str = "image layout") -> None:
     """Raise ProcessingError naming ``name`` unless ``layout`` is one of :data:`IMAGE_LAYOUTS`."""
     if layout not in IMAGE_LAYOUTS:
         raise ProcessingError(f"unknown {name} {layout!r}; valid layouts: {', '.join(IMAGE_LAYOUTS)}")
-
-
-def check_message(message: Any, where: str) -> tuple[str, Any]:
-    """``(role, content)`` of one message, after checking its shape and role."""
-    if not isinstance(message, dict) or "role" not in message or "content" not in message:
-        raise ProcessingError(f"{where}: needs 'role' and 'content' keys, got {message!r:.100}")
-    role, content = message["role"], message["content"]
-    if role not in ROLES:
-        raise ProcessingError(f"{where}: unknown role {role!r}; valid roles: {', '.join(ROLES)}")
-    return role, content
-
-
-def flatten_messages(
-    messages: list[dict[str, Any]], images: list[Any] | None = None, image_token: str = IMAGE_TOKEN
-) -> tuple[list[dict[str, str]], list[Any]]:
-    """Turn messages with string or content-part content into string messages with ``<image>`` markers.
-
-    Content parts: ``{"type": "text", "text": ...}``, ``{"type": "image", "image"|"url"|"path": ...}`` and the
-    OpenAI form ``{"type": "image_url", "image_url": {"url": ...}}``. Parts are joined with newlines; each image
-    part becomes one ``<image>`` marker. Images given in content parts and in ``images`` can't be mixed.
-    Returns the string messages and the image sources in order of their markers.
-    """
-    if not isinstance(messages, list) or not messages:
-        raise ProcessingError("a conversation must be a non-empty list of messages")
-    found: list[Any] = []
-    flat: list[dict[str, str]] = []
-    markers = 0
-    for index, message in enumerate(messages):
-        role, content = check_message(message, f"message {index}")
-        if isinstance(content, str):
-            text = content
-        elif isinstance(content, list):
-            pieces = []
-            for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text":
-                    pieces.append(str(part.get("text", "")))
-                elif kind == "image":
-                    source = next((part[k] for k in ("image", "url", "path", "base64") if k in part), None)
-                    if source is None:
-                        raise ProcessingError(f"message {index}: image part without 'image', 'url' or 'path'")
-                    found.append(source)
-                    pieces.append(image_token)
-                elif kind == "image_url":
-                    url = part.get("image_url")
-                    url = url.get("url") if isinstance(url, dict) else url
-                    if not url:
-                        raise ProcessingError(f"message {index}: image_url part without a url")
-                    found.append(url)
-                    pieces.append(image_token)
-                else:
-                    raise ProcessingError(
-                        f"message {index}: unknown content part type {kind!r}; valid types: text, image, image_url"
-                    )
-            text = "\n".join(pieces)
-        else:
-            raise ProcessingError(f"message {index}: content must be a string or a list of parts")
-        markers += text.count(image_token)
-        flat.append({"role": role, "content": text})
-    if found and images:
-        raise ProcessingError("give images either inside the messages or in 'images', not both")
-    images = found or list(images or [])
-    if markers != len(images):
-        raise ImageTokenMismatchError(
-            f"the conversation has {markers} {image_token} marker(s) but {len(images)} image(s) were given"
-        )
-    return flat, images
 
 
 def place_images(

@@ -7,6 +7,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from vlmkit.errors import ProcessingError
+from vlmkit.processing.conversation import TextPart, parse_conversation
 
 
 def max_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -20,19 +21,13 @@ def max_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def text_chars(conversation: Any) -> int:
-    """Characters of text in a conversation's messages (string content and text parts; images not counted)."""
-    total = 0
-    if not isinstance(conversation, list):
+    """Characters of text in a conversation's messages (images not counted); 0 for one that doesn't parse (it is
+    refused, with its error, when it is encoded)."""
+    try:
+        parsed = parse_conversation(conversation)
+    except ProcessingError:
         return 0
-    for message in conversation:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    total += len(part["text"])
-    return total
+    return sum(len(p.text) for m in parsed.messages for p in m.parts if isinstance(p, TextPart))
 
 
 def check_text_fits(conversation: Any, context_length: int, tokenizer: PreTrainedTokenizerBase, name: str) -> None:

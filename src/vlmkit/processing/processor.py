@@ -19,9 +19,9 @@ from vlmkit.processing.chat import (
     ChatEncoder,
     ImageLayout,
     check_image_layout,
-    flatten_messages,
     place_images,
 )
+from vlmkit.processing.conversation import parse_conversation
 from vlmkit.processing.images import (
     DEFAULT_MAX_PIXELS,
     ImageAccess,
@@ -30,10 +30,10 @@ from vlmkit.processing.images import (
     describe_source,
     load_image,
 )
+from vlmkit.tokens import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 PROCESSOR_FILE = "processor_config.json"
 
 
@@ -111,10 +111,6 @@ class VLMProcessor:
         self.stop_token_ids: list[int] = self.chat.end_of_turn_ids()
 
     # -- single conversations -------------------------------------------------------------------------------
-    def num_image_tokens(self, pixel_values: torch.Tensor) -> int:
-        """Placeholder tokens for one transformed image (fixed today; tiling will make it size-dependent)."""
-        return self.tokens_per_image
-
     def load_images(self, sources: list[Any]) -> torch.Tensor | None:
         """Load and transform image sources into a ``(N, 3, size, size)`` tensor (None for no images).
 
@@ -141,15 +137,13 @@ class VLMProcessor:
         """Encode one conversation. ``train=True`` also builds labels (assistant tokens only, -100 elsewhere).
 
         ``pixels=False`` leaves ``pixel_values`` None (the images are transformed later, e.g. per batch)."""
-        flat, given = flatten_messages(messages, images, self.image_token)
+        conversation = parse_conversation(messages, images, name=name, image_token=self.image_token)
+        flat, given = conversation.to_strings(self.image_token)
         flat, order = place_images(flat, self.image_layout, self.image_token)
         sources = [given[i] for i in order]
         chat = self.chat.encode(flat, train=train, name=name)
         pixel_values = self.load_images(sources) if pixels else None
-        if pixels:
-            counts = [self.num_image_tokens(p) for p in pixel_values] if pixel_values is not None else []
-        else:
-            counts = [self.tokens_per_image] * len(sources)
+        counts = [self.tokens_per_image] * len(sources)
         found = chat.input_ids.count(self.image_token_id)
         if found != len(counts):
             raise ImageTokenMismatchError(

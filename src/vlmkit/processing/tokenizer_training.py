@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from vlmkit.processing.chat import DEFAULT_CHAT_TEMPLATE, DEFAULT_TEMPLATE_TOKENS, IMAGE_TOKEN
+from vlmkit.processing.chat import DEFAULT_CHAT_TEMPLATE, DEFAULT_TEMPLATE_TOKENS
+from vlmkit.tokens import IMAGE_TOKEN
 
 BASE_TOKENS = ("<pad>", "<s>", "</s>")
 

@@ -13,11 +13,12 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from vlmkit.backends import Backend, RunningBatch
 from vlmkit.errors import VlmkitError
-from vlmkit.inference.engine import Engine, StreamEvent
 from vlmkit.inference.options import GenerationOptions
-from vlmkit.processing.processor import EncodedSample
+from vlmkit.inference.rows import StreamEvent
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +35,17 @@ class ShuttingDown(VlmkitError):
 class Ticket:
     """One submitted request: its prompt, options and where its events go."""
 
-    encoded: EncodedSample
+    encoded: Any
+    """The backend's encoded prompt (:meth:`Backend.encode`)."""
     options: GenerationOptions
     deliver: Callable[[StreamEvent | BaseException], None]
     key: int = field(default_factory=itertools.count().__next__)
 
 
 class Scheduler:
-    """Runs :class:`~vlmkit.inference.engine.DecodeBatch` steps in a background thread."""
+    """Runs a backend's running batch (:class:`~vlmkit.backends.RunningBatch`) in a background thread."""
 
-    def __init__(self, engine: Engine, max_batch: int = 32, max_queue: int = 256) -> None:
+    def __init__(self, engine: Backend, max_batch: int = 32, max_queue: int = 256) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -91,7 +93,7 @@ class Scheduler:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def _admit(self, batch) -> None:
+    def _admit(self, batch: RunningBatch) -> None:
         with self._cond:
             while not self._waiting and not batch and not self._cancelled and not self._stop:
                 self._cond.wait()

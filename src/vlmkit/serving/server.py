@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -23,12 +23,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vlmkit.errors import ConfigError, ImageError, ProcessingError
 from vlmkit.inference.engine import StreamEvent
 from vlmkit.inference.options import GenerationOptions, GenerationResult
+from vlmkit.processing.conversation import ConversationError, parse_conversation
 from vlmkit.processing.images import ImageAccess
 from vlmkit.serving.body import parse_json, read_body
 from vlmkit.serving.errors import APIError
 from vlmkit.serving.guard import RequestGuard
 from vlmkit.serving.scheduler import QueueFull, Scheduler, ShuttingDown, Ticket
 from vlmkit.serving.schemas import ChatCompletionRequest, unsupported_fields
+
+if TYPE_CHECKING:
+    from vlmkit.api import VLM
 
 log = logging.getLogger(__name__)
 
@@ -57,36 +61,16 @@ class ServerSettings:
 
 
 def _messages(request: ChatCompletionRequest, max_images: int) -> list[dict[str, Any]]:
-    """OpenAI messages → vlmkit messages, checking part types and the image count."""
-    out: list[dict[str, Any]] = []
-    images = 0
-    for i, message in enumerate(request.messages):
-        role = "system" if message.role == "developer" else message.role
-        content = message.content
-        if content is None:
-            content = ""
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                kind = part.get("type")
-                if kind == "image_url":
-                    url = part.get("image_url")
-                    url = url.get("url") if isinstance(url, dict) else url
-                    if not isinstance(url, str) or not url:
-                        raise APIError(400, "image_url part without a url", f"messages[{i}].content[{j}].image_url")
-                    images += 1
-                elif kind == "text":
-                    if not isinstance(part.get("text"), str):
-                        raise APIError(400, "text part without text", f"messages[{i}].content[{j}].text")
-                else:
-                    raise APIError(
-                        400, f"unknown content part type {kind!r}; supported: text, image_url",
-                        f"messages[{i}].content[{j}].type", "invalid_content_part",
-                    )  # fmt: skip
-        out.append({"role": role, "content": content})
-    if images > max_images:
+    """OpenAI messages → vlmkit messages (:func:`parse_conversation`'s OpenAI form), checking the image count."""
+    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    try:
+        conversation = parse_conversation(messages, name="request", openai=True)
+    except ConversationError as exc:
+        raise APIError(400, exc.reason, exc.path, exc.code) from exc
+    if len(conversation.images) > max_images:
         text = f"At most {max_images} image(s) may be provided in one prompt"
         raise APIError(400, text, "messages", "too_many_images")
-    return out
+    return conversation.to_messages()
 
 
 def _options(request: ChatCompletionRequest, settings: ServerSettings) -> GenerationOptions:
@@ -116,7 +100,7 @@ def _usage(result: GenerationResult, image_tokens: int) -> dict[str, Any]:
     }
 
 
-def create_app(vlm: Any, settings: ServerSettings) -> FastAPI:
+def create_app(vlm: VLM, settings: ServerSettings) -> FastAPI:
     """The FastAPI app serving ``vlm`` (a :class:`vlmkit.api.VLM`) under ``settings``."""
     processor = vlm.processor
     root = Path(settings.allowed_local_media_path).resolve() if settings.allowed_local_media_path else None

@@ -1,7 +1,8 @@
 """Training: LLaVA-style stages (projector alignment, then instruction tuning), LoRA, exact resume, DDP.
 
 ``train(config, overrides=None, resume=None)`` runs a YAML/TOML config (see docs/training.md);
-``vlmkit train CONFIG`` is the same from the command line.
+``vlmkit train CONFIG`` is the same from the command line. A stage's ``objective`` names what it trains and its
+loss (:mod:`vlmkit.training.objectives`: ``lm``, ``grid_labels``, or one you register).
 """
 
 from vlmkit.training.config import (

@@ -6,7 +6,8 @@ A checkpoint ``OUTPUT/checkpoints/step-00000120/`` holds:
 * ``adapter/<component>/``: each LoRA adapter as peft saves it (only while a component has LoRA);
 * ``training_state.safetensors``: the exact training module with unmerged LoRA weights (only with LoRA);
 * ``trainer_state.pt``: optimizer, scheduler, gradient scaler, RNG states of every rank (python, numpy, torch,
-  CUDA) and the position (stage, step in stage, global step) — loadable with ``weights_only=True``;
+  CUDA), the position (stage, step in stage, global step) and the stage objective's own state (``objective``;
+  e.g. temporary heads) — loadable with ``weights_only=True``;
 * ``checkpoint.json``: the position and the full training config, readable.
 
 Only folders named ``step-<8 digits>`` are checkpoints; the rename is atomic, so a kill at any instant leaves

@@ -21,13 +21,12 @@ from typing import Any, Literal
 import yaml
 
 from vlmkit.config import config_from_dict, config_to_dict
-from vlmkit.errors import ConfigError
+from vlmkit.errors import ConfigError, RegistryError
 from vlmkit.processing.chat import ImageLayout
 
 COMPONENTS = ("vision", "projector", "language_model")
 """Config names of the three model components (``vision`` is the model's ``vision_tower``)."""
 Policy = Literal["frozen", "full", "lora"]
-Objective = Literal["lm", "grid_labels"]
 LossWeighting = Literal["token", "turn", "turn_sqrt"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -109,9 +108,9 @@ class StageConfig:
 
     name: str = "stage"
     data: list[DataSource] = field(default_factory=list)
-    objective: Objective = "lm"
-    """``lm``: next-token loss on the assistant turns. ``grid_labels``: vision pretraining on the ShapesWorld
-    ground truth of the records (``meta.truth``), the tower alone (:mod:`vlmkit.training.grid_labels`)."""
+    objective: str = "lm"
+    """The name of a registered objective (:data:`vlmkit.training.objectives.OBJECTIVES`, where each says what it
+    trains); ``lm``: next-token loss on the assistant turns."""
     loss_weighting: LossWeighting = "token"
     """How the ``lm`` loss averages over supervised tokens: ``token`` (every token counts the same, as LLaVA),
     ``turn`` (every assistant turn counts the same, whatever its length) or ``turn_sqrt`` (a turn of n tokens
@@ -195,13 +194,7 @@ def _validate_stage(stage: StageConfig, where: str) -> None:
         raise ConfigError(f"{where}.module_lr: unknown component(s) {unknown}; valid: {', '.join(COMPONENTS)}")
     if stage.policy.projector == "lora":
         raise ConfigError(f"{where}.policy.projector: LoRA is for the vision tower and the LM; use 'full' or 'frozen'")
-    if stage.objective == "grid_labels" and (
-        stage.policy.vision != "full" or stage.policy.projector != "frozen" or stage.policy.language_model != "frozen"
-    ):
-        raise ConfigError(
-            f"{where}: objective grid_labels trains the vision tower alone; set policy "
-            "{vision: full, projector: frozen, language_model: frozen}"
-        )
+    _check_objective(stage, where)
     if all(getattr(stage.policy, c) == "frozen" for c in COMPONENTS):
         raise ConfigError(f"{where}: every component is frozen; nothing would train")
     positive = {"lr": stage.lr, "batch_size": stage.batch_size, "grad_accum": stage.grad_accum}
@@ -220,6 +213,17 @@ def _validate_stage(stage: StageConfig, where: str) -> None:
         raise ConfigError(f"{where}.betas must be two numbers, got {stage.betas}")
     if stage.lora.r < 1:
         raise ConfigError(f"{where}.lora.r must be at least 1, got {stage.lora.r}")
+
+
+def _check_objective(stage: StageConfig, where: str) -> None:
+    """The stage's objective must be registered, and its own checks must pass."""
+    from vlmkit.training.objectives import OBJECTIVES  # the objectives import this module
+
+    try:
+        factory = OBJECTIVES.get(stage.objective)
+    except RegistryError as exc:
+        raise ConfigError(f"{where}.objective: {exc}") from None
+    factory().check(stage, where)
 
 
 def _coerce_numbers(obj: Any, where: str) -> None:

@@ -141,7 +141,7 @@ def encode_source(source: DataSource, processor: VLMProcessor, max_length: int |
     return out
 
 
-def load_stage_data(stage: StageConfig, processor: VLMProcessor, stage_index: int) -> list[SourceData]:
+def load_stage_data(stage: StageConfig, processor: VLMProcessor) -> list[SourceData]:
     """Encode every source of a stage's mix."""
     return [
         encode_source(src, processor, stage.max_length, f"stage {stage.name!r} data[{j}] ({src.path})")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vlmkit.errors import ConfigError
+from vlmkit.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +38,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → CUDA (this rank's GPU) when available, else CPU; ``cuda`` → this rank's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} asked for, but CUDA is not available on this machine")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
-    if name in ("cpu", "mps"):
-        return torch.device(name)
-    raise ConfigError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N, mps")
 
 
 def init_distributed(device: str = "auto") -> DistEnv:
@@ -108,15 +95,6 @@ def gather(obj: Any, env: DistEnv) -> list[Any]:
     out: list[Any] = [None] * env.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast(obj: Any, env: DistEnv) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def barrier(env: DistEnv) -> None:

@@ -1,11 +1,12 @@
-"""Vision pretraining on grid-cell labels: the ``grid_labels`` stage objective.
+"""Vision pretraining on grid-cell labels: the labels, heads and loss of the ``grid_labels`` objective.
 
 ShapesWorld records carry their scene's ground truth in ``meta.truth``. This objective trains the vision tower
 alone to make every cell of the scene's 3×3 grid readable from the features the projector sees: the tower's
 patch features are average-pooled onto the grid, and linear heads classify each cell (empty, object or word;
 the object's shape, colour and size; the word; the cell's own index) and regress the object's box. The heads
 are thrown away after the stage; what stays is a tower whose features already say what is where, so the later
-stages only have to teach the LM to read them (docs/default-model.md measures why this matters).
+stages only have to teach the LM to read them (docs/default-model.md measures why this matters). The stage
+around them (data, checks, batch order, checkpoints) is :mod:`vlmkit.training.objectives.grid_labels`.
 """
 
 from __future__ import annotations

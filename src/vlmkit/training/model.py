@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vlmkit.errors import CheckpointError, ConfigError
-from vlmkit.models.compose import compose, load_pretrained, save_pretrained
+from vlmkit.models.compose import compose, save_pretrained
 from vlmkit.models.vision import VisionTower
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.processor import VLMProcessor
@@ -74,17 +74,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, folder: str | Path) -
 
 
 def _load_checkpoint(name: str) -> tuple[VisionLanguageModel, VLMProcessor]:
-    from vlmkit.api import BUILTIN_MODELS
+    """A model to train, named as every command names one (built-in, folder or hub id), on the CPU in fp32."""
+    from vlmkit.backends import TRAIN, load_model
 
-    if name in BUILTIN_MODELS:
-        return BUILTIN_MODELS[name]()
-    path = Path(name).expanduser()
-    if not (path / "config.json").is_file():
+    loaded = load_model(name, torch.device("cpu"), torch.float32)
+    if TRAIN not in loaded.engine.capabilities:
         raise CheckpointError(
-            f"model.checkpoint {name!r} is not a vlmkit checkpoint folder (no config.json) nor a built-in name "
-            f"({', '.join(BUILTIN_MODELS)})"
+            f"model.checkpoint {name!r} runs on a backend vlmkit can't train ({type(loaded.engine).__name__}); "
+            "train a vlmkit model (a built-in, a vlmkit checkpoint or a transformers LLaVA folder)"
         )
-    return load_pretrained(path)
+    return loaded.model, loaded.processor
 
 
 # ---------------------------------------------------------------------------------------------------- policy

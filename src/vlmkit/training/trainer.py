@@ -1,4 +1,8 @@
-"""The training loop: stages in order, exact resume, DDP, signals, checkpoints and records."""
+"""The training loop: stages in order, exact resume, DDP, signals, checkpoints and records.
+
+One step loop serves every objective; what a stage trains, its batches and its loss come from the objective
+registered under its ``objective`` name (:mod:`vlmkit.training.objectives`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import random
 import signal
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -20,38 +23,27 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_model
 
-from vlmkit.data.sample import IMAGE_TOKEN
-from vlmkit.errors import ConfigError, DataError, VlmkitError
+from vlmkit.devices import resolve_precision
+from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.models.compose import load_pretrained
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.processor import VLMProcessor
+from vlmkit.tokens import IMAGE_TOKEN
 from vlmkit.training import checkpoint as ckpt
 from vlmkit.training import distributed as dist_utils
 from vlmkit.training.config import StageConfig, TrainConfig, config_as_dict, load_config
-from vlmkit.training.data import (
-    PADDING_PLAN_STEPS,
-    BatchPlan,
-    Collator,
-    MicroBatches,
-    SourceData,
-    check_source,
-    load_stage_data,
-    padding_fraction,
-    read_samples,
-)
+from vlmkit.training.data import check_source, read_samples
 from vlmkit.training.metrics import MetricsWriter, read_metrics, truncate_metrics
 from vlmkit.training.model import (
     ADAPTER_DIR,
-    apply_policy,
     build_model,
     export_plain,
     lora_components,
-    param_groups,
     save_adapters,
-    set_gradient_checkpointing,
     train_tokenizer,
     trainable_counts,
 )
+from vlmkit.training.objectives import OBJECTIVES, Objective, StageRun, StageSetup, StepBatch
 from vlmkit.training.optim import build_optimizer
 from vlmkit.training.plots import plot_stage
 
@@ -94,6 +86,20 @@ class TrainResult:
     final_dir: Path | None = None
 
 
+@dataclass
+class _Stage:
+    """One stage run's pieces, as the step loop and the checkpoint writer use them."""
+
+    config: StageConfig
+    index: int
+    objective: Objective
+    setup: StageSetup
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+
+
 def train(
     config: str | Path | dict[str, Any] | TrainConfig,
     overrides: list[str] | dict[str, Any] | None = None,
@@ -106,17 +112,6 @@ def train(
     checkpoint of the output folder, or a checkpoint / run folder. Under ``torchrun`` every process calls this.
     """
     return Trainer(load_config(config, overrides), resume=resume, callbacks=callbacks).run()
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a precision setting on a device (None: plain fp32)."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError(f"precision fp16 needs a CUDA device (this run is on {device.type}); use bf16 or fp32")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class _StopFlag:
@@ -270,11 +265,6 @@ class Trainer:
         if changed:
             log.warning("resuming with a changed config (%s): the run is no longer exactly reproducible", changed)
 
-    def _stage_steps(self, stage: StageConfig, plan: BatchPlan) -> int:
-        if stage.steps is not None:
-            return stage.steps
-        return max(1, math.ceil((stage.epochs or 1.0) * plan.epoch_size / plan.global_batch))
-
     def _emit(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
         for callback in self.callbacks:
@@ -283,71 +273,45 @@ class Trainer:
 
     # -- one stage ------------------------------------------------------------------------------------------
     def _run_stage(self, index: int, state: dict[str, Any] | None, resume_from: Path | None) -> StageResult:
+        """One stage from its start (or the resumed step) to its end or a stop: the same loop for every objective."""
         stage, env = self.config.stages[index], self.env
-        if stage.objective == "grid_labels":
-            return self._run_grid_stage(index, state)
-        sources = load_stage_data(stage, self.processor, index)
-        global_batch = stage.batch_size * stage.grad_accum * env.world_size
-        plan = BatchPlan(
-            [[s.length for s in src.samples] for src in sources],
-            [src.source.weight for src in sources],
-            global_batch,
-            seed=self.config.seed,
-            stage_index=index,
-            group_by_length=stage.group_by_length,
-        )
-        total = self._stage_steps(stage, plan)
-        start = state["position"]["stage_step"] if state else 0
-        measured = min(total, PADDING_PLAN_STEPS)
-        plain = BatchPlan(plan.lengths, [src.source.weight for src in sources], global_batch, seed=self.config.seed,
-                          stage_index=index, group_by_length=False)  # fmt: skip
-        pad_before = padding_fraction(plain, measured, env.world_size, stage.grad_accum, packing=False)
-        pad_after = padding_fraction(plan, measured, env.world_size, stage.grad_accum, packing=stage.packing)
-
-        apply_policy(self.model, stage)
-        set_gradient_checkpointing(self.model, stage)
+        objective = OBJECTIVES.get(stage.objective)()
+        context = StageRun(self.model, self.processor, stage, index, env, self.config.seed, self.config.num_workers)
+        setup = objective.start(context)
         if state is not None and resume_from is not None and (resume_from / ckpt.TRAINING_STATE).is_file():
             load_model(self.model, str(resume_from / ckpt.TRAINING_STATE), strict=True, device=str(env.device))
-        self.model.to(env.device).train()
-        collator = Collator(self.processor, stage.packing, stage.loss_weighting)
         counts = trainable_counts(self.model)
-        optimizer, scheduler = build_optimizer(param_groups(self.model, stage), stage, total)
+        optimizer, scheduler = build_optimizer(setup.param_groups, stage, setup.total)
         amp_dtype = resolve_precision(stage.precision, env.device)
         scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
+        run = _Stage(stage, index, objective, setup, optimizer, scheduler, scaler, amp_dtype)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
-        samples = sum(len(s.samples) for s in sources)
-        skipped = sum((src.skipped for src in sources), start=Counter())
-        self._log_stage_start(stage, index, counts, total, global_batch, samples, pad_before, pad_after, optimizer)
+            objective.load_state_dict(state.get("objective") or {})
+        self._log_stage_start(run, counts)
 
-        model = dist_utils.wrap(self.model, env)
-        loader = torch.utils.data.DataLoader(
-            MicroBatches(plan, sources, collator, start_step=start, stop_step=total,
-                         rank=env.rank, world_size=env.world_size, accum=stage.grad_accum),
-            batch_size=None, num_workers=self.config.num_workers, generator=torch.Generator(),
-        )  # fmt: skip
+        module = dist_utils.wrap(setup.module, env)
         if state is not None:
             ckpt.set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0])
-        stage_records: list[dict[str, Any]] = []
-        step = start
+        total = setup.total
+        start = step = state["position"]["stage_step"] if state else 0
         saved_at = self.global_step if state is not None else -1
-        context = dict(stage=stage, index=index, optimizer=optimizer, scheduler=scheduler, scaler=scaler, total=total)
         with self._progress(stage, total, start) as bar:
-            batches = iter(loader)
+            batches = objective.batches(start)
             while step < total:
                 started = time.perf_counter()
-                record = self._train_step(model, batches, plan, sources, step, amp_dtype, **context)
+                record = self._train_step(module, next(batches), step, run)
                 record["step_time_s"] = time.perf_counter() - started
-                record["samples_per_s"] = global_batch / record["step_time_s"]
-                record["tokens_per_s"] = record["tokens"] / record["step_time_s"]
+                record["samples_per_s"] = setup.global_batch / record["step_time_s"]
+                if "tokens" in record:
+                    record["tokens_per_s"] = record["tokens"] / record["step_time_s"]
                 step += 1
                 self.global_step += 1
                 record.update(step=self.global_step, stage=stage.name, stage_step=step)
                 self.losses.append(record["loss"])
-                stage_records.append(record)
                 if self.global_step % self.config.log_every == 0 or step == total:
                     self._emit(record)
                 bar.update(1)
@@ -358,113 +322,40 @@ class Trainer:
                     self.stop.set("SIGTERM")
                 every = self.config.save_every
                 if stop or step == total or (every and self.global_step % every == 0):
-                    self._save(step, **context)
+                    self._save(step, run)
                     saved_at = self.global_step
                 if stop:
                     log.warning("stopped at global step %d; resume with --resume", self.global_step)
                     break
         if step == total and saved_at != self.global_step:
-            self._save(step, **context)
+            self._save(step, run)
         plot = self._plot(stage, index) if step == total else None
         self._emit({"event": "stage_end", "step": self.global_step, "stage": stage.name, "stage_step": step,
                     "plot": str(plot) if plot else None})  # fmt: skip
-        del model
-        return StageResult(stage.name, step - start, counts, pad_before, pad_after, samples, dict(skipped), plot)
+        del module
+        before, after = setup.padding
+        return StageResult(stage.name, step - start, counts, before, after, setup.samples, setup.skipped, plot)
 
-    def _run_grid_stage(self, index: int, state: dict[str, Any] | None) -> StageResult:
-        """A ``grid_labels`` stage: the tower learns per-cell labels with temporary heads (one process).
-
-        It checkpoints only at its end; stopped midway, a resumed run starts the stage again."""
-        from vlmkit.training.grid_labels import GridLabelObjective, cell_labels, stack_targets, truth_of
-
-        stage, env = self.config.stages[index], self.env
-        where = f"stage {stage.name!r} (stages.{index})"
-        if env.distributed:
-            raise ConfigError(f"{where}: the grid_labels objective runs in one process; start it without torchrun")
-        pool: list[Any] = []
-        for source in stage.data:
-            samples = [s for s, _ in zip(read_samples(source), range(source.limit or 2**62), strict=False)]
-            pool += [s for s in samples if s.images]
-        labels = [cell_labels(truth_of(s, where)) for s in pool]  # every label checked before the first step
-        if len(pool) < stage.batch_size:
-            raise DataError(f"{where}: {len(pool)} samples with an image, fewer than batch_size {stage.batch_size}")
-        total = stage.steps or max(1, math.ceil((stage.epochs or 1.0) * len(pool) / stage.batch_size))
-        start = state["position"]["stage_step"] if state else 0
-        apply_policy(self.model, stage)
-        objective = GridLabelObjective(self.model.vision_tower).to(env.device).train()
-        params = [p for p in objective.parameters() if p.requires_grad]
-        lr = stage.module_lr.get("vision", stage.lr)
-        groups = [{"params": params, "lr": lr, "weight_decay": stage.weight_decay, "name": "vision"}]
-        optimizer, scheduler = build_optimizer(groups, stage, total)
-        amp_dtype = resolve_precision(stage.precision, env.device)
-        scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
-        counts = trainable_counts(self.model)
-        log.info("stage %d %r: grid_labels on %d images, %d steps of %d, lr %g", index, stage.name, len(pool),
-                 total, stage.batch_size, lr)  # fmt: skip
-        self._emit({"event": "stage_start", "step": self.global_step, "stage": stage.name, "stage_index": index,
-                    "steps": total, "global_batch": stage.batch_size, "samples": len(pool), "trainable": counts,
-                    "objective": stage.objective})  # fmt: skip
-        rng = np.random.default_rng([self.config.seed, index])
-        order = [rng.choice(len(pool), size=stage.batch_size, replace=False) for _ in range(total)]
-        context = dict(stage=stage, index=index, optimizer=optimizer, scheduler=scheduler, scaler=scaler, total=total)
-        step = start
-        with self._progress(stage, total, start) as bar:
-            while step < total and not self.stop.signal:
-                started = time.perf_counter()
-                pixels = self.processor.load_images([pool[i].images[0] for i in order[step]])
-                targets = stack_targets(labels[i] for i in order[step])
-                with torch.autocast(env.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, accuracy = objective(pixels.to(env.device), targets)  # type: ignore[union-attr]
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm or math.inf))
-                lr_now = optimizer.param_groups[0]["lr"]
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                self.global_step += 1
-                elapsed = time.perf_counter() - started
-                record = {"event": "step", "loss": float(loss.detach()), "lr": lr_now, "lrs": {"vision": lr_now},
-                          "grad_norm": grad_norm, "accuracy": accuracy, "samples": stage.batch_size,
-                          "step_time_s": elapsed,
-                          "samples_per_s": stage.batch_size / elapsed, "step": self.global_step,
-                          "stage": stage.name, "stage_step": step}  # fmt: skip
-                self.losses.append(record["loss"])
-                if self.global_step % self.config.log_every == 0 or step == total:
-                    self._emit(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr_now:.2e}")
-        self.model.vision_tower.requires_grad_(False)
-        if step < total:
-            log.warning("stopped during grid_labels stage %r; a resumed run starts this stage again", stage.name)
-            return StageResult(stage.name, step - start, counts, 0.0, 0.0, len(pool))
-        if start < total:
-            self._save(step, **context)
-        plot = self._plot(stage, index)
-        self._emit({"event": "stage_end", "step": self.global_step, "stage": stage.name, "stage_step": step,
-                    "plot": str(plot) if plot else None})  # fmt: skip
-        return StageResult(stage.name, step - start, counts, 0.0, 0.0, len(pool), plot=plot)
-
-    def _log_stage_start(self, stage, index, counts, total, global_batch, samples, pad_before, pad_after, optimizer):
+    def _log_stage_start(self, run: _Stage, counts: dict[str, dict[str, int]]) -> None:
+        stage, setup = run.config, run.setup
         training = [c for c, n in counts.items() if n["trainable"]]
-        policy = ", ".join(f"{c}={getattr(stage.policy, c)}" for c in counts)
+        policy = {c: getattr(stage.policy, c) for c in counts}
         lines = [f"{c:<16}{n['trainable']:>14,}{n['total']:>14,}" for c, n in counts.items()]
         table = "\n".join([f"{'component':<16}{'trainable':>14}{'total':>14}", *lines])
-        lrs = {g["name"]: g.get("initial_lr", g["lr"]) for g in optimizer.param_groups if "no_decay" not in g["name"]}
-        log.info(
-            "stage %d %r: %d steps of %d samples (%d usable samples); policy %s; training %s (%s parameters); "
-            "lr %s; padding %.1f%% → %.1f%%\n%s",
-            index, stage.name, total, global_batch, samples, policy, ", ".join(training),
-            f"{sum(n['trainable'] for n in counts.values()):,}", lrs, 100 * pad_before, 100 * pad_after, table,
-        )  # fmt: skip
+        groups = run.optimizer.param_groups
+        lrs = {g["name"]: g.get("initial_lr", g["lr"]) for g in groups if "no_decay" not in g["name"]}
+        parts = [
+            f"{setup.total} steps of {setup.global_batch} samples ({setup.samples} usable samples)",
+            "policy " + ", ".join(f"{c}={p}" for c, p in policy.items()),
+            f"training {', '.join(training)} ({sum(n['trainable'] for n in counts.values()):,} parameters)",
+            f"lr {lrs}",
+            setup.summary,
+        ]
+        log.info("stage %d %r: %s\n%s", run.index, stage.name, "; ".join(p for p in parts if p), table)
         self._emit({
-            "event": "stage_start", "step": self.global_step, "stage": stage.name, "stage_index": index,
-            "steps": total, "global_batch": global_batch, "samples": samples, "trainable": counts,
-            "policy": {c: getattr(stage.policy, c) for c in counts}, "lrs": lrs,
-            "padding_before": pad_before, "padding_after": pad_after, "packing": stage.packing,
-            "group_by_length": stage.group_by_length,
+            "event": "stage_start", "step": self.global_step, "stage": stage.name, "stage_index": run.index,
+            "objective": stage.objective, "steps": setup.total, "global_batch": setup.global_batch,
+            "samples": setup.samples, "trainable": counts, "policy": policy, "lrs": lrs, **setup.start_record,
         })  # fmt: skip
 
     def _progress(self, stage: StageConfig, total: int, start: int):
@@ -473,27 +364,17 @@ class Trainer:
         enabled = self.config.progress and self.env.is_main
         return tqdm(total=total, initial=start, desc=stage.name, unit="step", disable=not enabled, dynamic_ncols=True)
 
-    def _train_step(
-        self, model, batches, plan, sources: list[SourceData], step, amp_dtype, *, stage, index, optimizer,
-        scheduler, scaler, total,
-    ) -> dict[str, Any]:  # fmt: skip
-        env = self.env
-        items = plan.batch(step)
-        targets = sum(sources[i].samples[j].targets for i, j in items)
-        tokens = sum(sources[i].samples[j].length for i, j in items)
-        # the loss is the weighted mean over the global batch's targets: every micro-step divides by this sum
-        norm = (
-            float(targets)
-            if stage.loss_weighting == "token"
-            else sum(sum(sources[i].samples[j].loss_weights(stage.loss_weighting)) for i, j in items)
-        )
+    def _train_step(self, module: Any, batch: StepBatch, step: int, run: _Stage) -> dict[str, Any]:
+        """One optimizer step over the batch's micro-batches: backward each, unscale, clip, step; its record."""
+        env, stage, optimizer, scaler = self.env, run.config, run.optimizer, run.scaler
+        scale = env.world_size / (batch.norm or 1.0)
         loss_sum = 0.0
-        for a in range(stage.grad_accum):
-            batch = next(batches)
-            sync = a == stage.grad_accum - 1 or not env.distributed
-            with nullcontext() if sync else model.no_sync():
+        extras: dict[str, Any] = {}  # the objective's record fields, from the last micro-batch
+        for a, micro in enumerate(batch.micro):
+            sync = a == batch.accum - 1 or not env.distributed
+            with nullcontext() if sync else module.no_sync():
                 try:
-                    loss_sum += self._micro_step(model, batch, amp_dtype, scaler, norm)
+                    value, extras = self._micro_step(module, micro, scale, run)
                 except torch.OutOfMemoryError as exc:
                     optimizer.zero_grad(set_to_none=True)
                     raise TrainingError(
@@ -502,46 +383,40 @@ class Trainer:
                         f"{max(1, stage.batch_size // 2)} with grad_accum {stage.grad_accum * 2}, or turn on "
                         "gradient_checkpointing"
                     ) from exc
+                loss_sum += value
         scaler.unscale_(optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        if stage.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm))
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, math.inf))
+        max_norm = stage.max_grad_norm if stage.max_grad_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
+        run.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = dist_utils.all_reduce_sum(loss_sum, env) / (norm or 1.0)
+        loss = dist_utils.all_reduce_sum(loss_sum, env) / (batch.norm or 1.0)
         first = optimizer.param_groups[0]["name"]
         return {"event": "step", "loss": loss, "lr": lrs[first], "lrs": lrs, "grad_norm": grad_norm,
-                "samples": len(items), "tokens": tokens, "targets": targets,
-                "epoch": (step + 1) * plan.global_batch / plan.epoch_size}  # fmt: skip
+                **batch.record, **extras}  # fmt: skip
 
-    def _micro_step(self, model, batch: dict[str, Any], amp_dtype, scaler, norm: float) -> float:
-        """Forward + backward of one micro-batch; the loss is scaled so that gradients summed over micro-batches
-        and averaged over ranks equal those of the (weighted) mean loss over the global batch's target tokens;
-        ``norm`` is that batch's sum of target weights."""
-        device = self.env.device
-        keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "loss_weights")
-        inputs = {k: batch[k].to(device) for k in keys if k in batch}
+    def _micro_step(self, module: Any, batch: Any, scale: float, run: _Stage) -> tuple[float, dict[str, Any]]:
+        """Forward + backward of one micro-batch: the objective's loss times ``scale`` (world size / the step's
+        norm), so that gradients summed over micro-batches and averaged over ranks are those of the step's loss."""
+        device, amp_dtype = self.env.device, run.amp_dtype
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss_sum = model(**inputs, labels=batch["labels"].to(device), supervised_loss=True)["loss_sum"]
-        scale = self.env.world_size / (norm or 1.0)
-        scaler.scale(loss_sum * scale).backward()
-        return float(loss_sum.detach())
+            loss, extras = run.objective.loss(module, batch)
+        run.scaler.scale(loss * scale).backward()
+        return float(loss.detach()), extras
 
     # -- writing --------------------------------------------------------------------------------------------
-    def _save(self, stage_step: int, *, stage, index, total, optimizer, scheduler, scaler, **_) -> None:
-        env = self.env
+    def _save(self, stage_step: int, run: _Stage) -> None:
+        env, scaler = self.env, run.scaler
         rngs = dist_utils.gather(ckpt.rng_state(), env)
         if env.is_main:
-            position = {"global_step": self.global_step, "stage_index": index, "stage": stage.name,
-                        "stage_step": stage_step, "stage_steps": total}  # fmt: skip
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            position = {"global_step": self.global_step, "stage_index": run.index, "stage": run.config.name,
+                        "stage_step": stage_step, "stage_steps": run.setup.total}  # fmt: skip
+            state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rngs,
-                     "position": position}  # fmt: skip
+                     "position": position, "objective": run.objective.state_dict()}  # fmt: skip
 
             def write(folder: Path) -> None:
                 export_plain(self.model, self.processor, folder / ckpt.MODEL_DIR)
