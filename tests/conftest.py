@@ -44,56 +44,26 @@ def make_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+SMALL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+                    patch_size=8)  # fmt: skip
+SMALL_LM = dict(vocab_size=420, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+
+
 def clip_config(**kw) -> CLIPVisionConfig:
-    base = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
-    return CLIPVisionConfig(**{**base, **kw})
+    return CLIPVisionConfig(**{**SMALL_VISION, **kw})
 
 
 def siglip_config(**kw) -> SiglipVisionConfig:
-    base = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
-    return SiglipVisionConfig(**{**base, **kw})
+    return SiglipVisionConfig(**{**SMALL_VISION, **kw})
 
 
 def llama_config(**kw) -> LlamaConfig:
-    base = dict(
-        vocab_size=420,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    return LlamaConfig(**{**base, **kw})
+    return LlamaConfig(**{**SMALL_LM, "tie_word_embeddings": False, **kw})
 
 
 def qwen2_config(**kw) -> Qwen2Config:
-    base = dict(
-        vocab_size=420,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    return Qwen2Config(**{**base, **kw})
+    return Qwen2Config(**{**SMALL_LM, "tie_word_embeddings": True, **kw})
 
 
 @pytest.fixture

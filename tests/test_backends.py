@@ -131,3 +131,17 @@ def test_every_end_of_sequence_id_of_the_lm_stops(tmp_path):
                 head[[8, first]] = head[[first, 8]]
         result = vlm.engine.generate([conversation], GenerationOptions(max_new_tokens=3))[0]
         assert result.finish_reason == "stop" and result.completion_tokens == 1
+
+
+def test_training_resolves_model_names_as_every_command_does(tmp_path):
+    from test_hf_backend import build_qwen2_vl
+    from vlmkit.training.model import _load_checkpoint
+
+    build_qwen2_vl(tmp_path / "qwen")
+    with pytest.raises(CheckpointError, match="runs on a backend vlmkit can't train \\(HFEngine\\)"):
+        _load_checkpoint(str(tmp_path / "qwen"))
+    save_pretrained(*compose_tiny(), tmp_path / "native")
+    model, processor = _load_checkpoint(str(tmp_path / "native"))
+    assert type(model).__name__ == "VisionLanguageModel" and processor.tokens_per_image == 16
+    with pytest.raises(CheckpointError, match="unknown model 'nope'"):
+        _load_checkpoint("nope")

@@ -23,9 +23,10 @@ from torch import nn
 from vlmkit.data.shapes import CELLS, COLOURS, SHAPES, SIZES, WORDS
 from vlmkit.errors import DataError
 from vlmkit.models.vision import VisionTower
+from vlmkit.tokens import IGNORE_INDEX
 
 GRID = 3
-IGNORE = -100
+IGNORE = IGNORE_INDEX
 KINDS = ("empty", "object", "word")
 _COLOURS = tuple(COLOURS)
 HEADS = {"kind": len(KINDS), "shape": len(SHAPES), "colour": len(_COLOURS), "size": len(SIZES),
