@@ -144,22 +144,23 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(engine):
 
 def test_a_running_batch_takes_requests_at_any_step_and_cancels(engine):
     options = GenerationOptions(max_new_tokens=8)
+    long = GenerationOptions(max_new_tokens=200)  # the row cancelled midway
     solo = {i: engine.generate([c], options)[0] for i, c in enumerate(CONVERSATIONS)}
     batch = engine.new_batch()
-    assert (
-        batch.add([(0, engine.encode(CONVERSATIONS[0]), options), (1, engine.encode(CONVERSATIONS[1]), options)]) == []
-    )
+    first = [(0, engine.encode(CONVERSATIONS[0]), options), (1, engine.encode(CONVERSATIONS[1]), long)]
+    assert batch.add(first) == []
     results, texts = {}, {}
     for _ in range(2):
         for event in batch.step():
             texts[event.index] = texts.get(event.index, "") + event.text
             if event.result is not None:
                 results[event.index] = event.result
+    finished_before_cancel = 1 in results  # a backend may run ahead of its steps (transformers' worker thread)
     batch.add([(2, engine.encode(CONVERSATIONS[2]), options), (3, engine.encode(CONVERSATIONS[3]), options)])
     batch.cancel({1})
-    assert 1 not in batch.keys and {0, 2, 3} <= set(batch.keys)
+    assert 1 not in batch.keys and {2, 3} <= set(batch.keys)
     run_to_end(batch, results, texts)
-    assert set(results) == {0, 2, 3}
+    assert set(results) - {1} == {0, 2, 3} and (1 in results) == finished_before_cancel
     for key in (0, 2, 3):
         assert results[key].token_ids == solo[key].token_ids, key
         assert texts[key] == results[key].text

@@ -91,12 +91,22 @@ class ProjectorConfig:
 
 
 @dataclass
+class ViewsConfig:
+    """How an image becomes the tower's views and its tokens: a strategy of :data:`vlmkit.views.VIEWS` and its
+    options (``single``: one square view; see docs/high-resolution.md)."""
+
+    name: str = "single"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class VLMConfig:
     """Everything needed to rebuild a vlmkit model; saved as ``config.json`` next to ``model.safetensors``."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
     image_token_id: int | None = None
     """Token id of the image placeholder in the LM vocabulary (set when the model is composed)."""
     format_version: int = FORMAT_VERSION

@@ -191,6 +191,7 @@ class DecodeBatch:
             attention_mask=mask,
             position_ids=positions,
             pixel_values=batch["pixel_values"].to(device) if "pixel_values" in batch else None,
+            image_sizes=batch.get("image_sizes"),
             cache=cache,
             use_cache=True,
             logits_to_keep=1,

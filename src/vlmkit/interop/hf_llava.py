@@ -85,6 +85,11 @@ def template_layout(template: str | None) -> ImageLayout:
 
 def check_expressible(model: VisionLanguageModel) -> None:
     """Raise :class:`ConfigError` saying why transformers' Llava can't hold this model, if it can't."""
+    if model.config.views.name != "single":
+        raise ConfigError(
+            f"transformers' LLaVA takes one view per image; this model uses the {model.config.views.name!r} views "
+            "strategy"
+        )
     name = model.config.projector.name
     if name != "mlp2x_gelu":
         raise ConfigError(

@@ -9,15 +9,16 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig, VLMConfig
+from vlmkit.config import LMConfig, ProjectorConfig, ViewsConfig, VisionConfig, VLMConfig
 from vlmkit.errors import ConfigError
 from vlmkit.models.projector import build_projector
 from vlmkit.models.vision import VisionTower, normalisation_for
-from vlmkit.models.vlm import VisionLanguageModel, build_language_model
+from vlmkit.models.vlm import VisionLanguageModel, build_language_model, tokens_per_view
 from vlmkit.processing.chat import ImageLayout
 from vlmkit.processing.images import ImageTransformConfig
 from vlmkit.processing.processor import VLMProcessor, prepare_tokenizer
 from vlmkit.tokens import IMAGE_TOKEN
+from vlmkit.views import projector_in
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def compose(
     select_strategy: str = "auto",
     resize_mode: str = "pad",
     image_layout: ImageLayout = "as_written",
+    views: ViewsConfig | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[VisionLanguageModel, VLMProcessor]:
     """Join a vision tower and a causal LM through a new projector; returns the model and its processor.
@@ -54,8 +56,10 @@ def compose(
     ``vision`` and ``lm`` are hub ids or local folders (loaded with ``from_pretrained``) or configs (random
     init). The tokenizer defaults to the LM's; ``<image>`` is added to it when missing and the LM's embeddings
     are resized to match. ``image_layout`` is where the processor puts image tokens (``as_written`` or
-    ``after_each_question``; see :func:`vlmkit.processing.chat.place_images`).
+    ``after_each_question``; see :func:`vlmkit.processing.chat.place_images`). ``views`` is how an image
+    becomes the tower's views and its tokens (default ``single``; see :mod:`vlmkit.views`).
     """
+    views = views or ViewsConfig()
     v_source, v_hf = _part(vision, "vision")
     l_source, l_hf = _part(lm, "lm")
     vision_config = VisionConfig(
@@ -86,11 +90,14 @@ def compose(
 
     mean, std = normalisation_for(vision_config, tower.model.config.model_type)
     image_config = ImageTransformConfig(size=tower.image_size, resize_mode=resize_mode, mean=mean, std=std)  # type: ignore[arg-type]
+    proj = build_projector(projector, projector_in(views, tower.hidden_size), language_model.config.hidden_size)
+    proj = proj.to(dtype or torch.float32)
     processor = VLMProcessor(
         tokenizer,
         image_config,
-        tokens_per_image=tower.num_tokens(),
+        tokens_per_image=tokens_per_view(tower, proj),
         image_layout=image_layout,
+        views=views,
     )
     config = VLMConfig(
         vision=VisionConfig(
@@ -101,9 +108,9 @@ def compose(
         ),
         lm=LMConfig(source=l_source, hf_config=language_model.config.to_dict()),
         projector=ProjectorConfig(name=projector),
+        views=views,
         image_token_id=processor.image_token_id,
     )
-    proj = build_projector(projector, tower.hidden_size, language_model.config.hidden_size).to(dtype or torch.float32)
     model = VisionLanguageModel(config, tower, proj, language_model)
     log.debug("composed VLM:\n%s", model.format_parameter_summary())
     return model, processor

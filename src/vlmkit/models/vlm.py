@@ -19,6 +19,7 @@ from vlmkit.errors import CheckpointError, ConfigError, ImageTokenMismatchError
 from vlmkit.models.projector import build_projector
 from vlmkit.models.vision import VisionTower, hf_config_from_dict
 from vlmkit.tokens import IGNORE_INDEX
+from vlmkit.views import Geometry, build_assembler, projector_in
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,21 @@ class ComponentCount:
         return self.trainable + self.frozen
 
 
+def tokens_per_view(tower: VisionTower, projector: nn.Module) -> int:
+    """Feature vectors of one view after the projector (a token-reducing projector says how many)."""
+    tokens = tower.num_tokens()
+    output_tokens = getattr(projector, "output_tokens", None)
+    return int(output_tokens(tokens)) if callable(output_tokens) else tokens
+
+
+def view_geometry(tower: VisionTower, projector: nn.Module, language_model: PreTrainedModel) -> Geometry:
+    """What a views strategy needs to know of a model's parts."""
+    return Geometry(
+        view_size=tower.image_size, tokens_per_view=tokens_per_view(tower, projector),
+        tower_dim=tower.hidden_size, lm_dim=int(language_model.config.hidden_size),
+    )  # fmt: skip
+
+
 class VisionLanguageModel(nn.Module):
     """A LLaVA-style VLM: ``vision_tower`` → ``projector`` → features spliced into ``language_model`` embeddings.
 
@@ -75,6 +91,8 @@ class VisionLanguageModel(nn.Module):
         self.vision_tower = vision_tower
         self.projector = projector
         self.language_model = language_model
+        self.image_views = build_assembler(config.views, view_geometry(vision_tower, projector, language_model))
+        """The views strategy's model half (``single``: pass-through; others hold e.g. learned separators)."""
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -82,7 +100,8 @@ class VisionLanguageModel(nn.Module):
         """Build the three parts; ``load_weights`` loads pretrained tower/LM weights from their ``source``."""
         tower = VisionTower.from_config(config.vision, load_weights=load_weights, dtype=dtype)
         lm = build_language_model(config.lm, load_weights=load_weights, dtype=dtype)
-        projector = build_projector(config.projector.name, tower.hidden_size, lm.config.hidden_size)
+        in_features = projector_in(config.views, tower.hidden_size)
+        projector = build_projector(config.projector.name, in_features, lm.config.hidden_size)
         projector.to(dtype or torch.float32)
         return cls(config, tower, projector, lm)
 
@@ -99,16 +118,33 @@ class VisionLanguageModel(nn.Module):
         return next(self.projector.parameters(), next(self.parameters())).dtype
 
     # -- images ---------------------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` pixels → ``(N, tokens, lm_hidden)`` projected features."""
-        features = self.vision_tower(pixel_values.to(self.device))
-        return self.projector(features.to(self.dtype))
+    def encode_images(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Pixels of every view → projected features: ``(N, tokens, lm_hidden)`` with the ``single`` views
+        strategy, else a list of one ``(tokens_i, lm_hidden)`` tensor per image (``image_sizes``: ``(N, 2)``
+        original heights and widths, which lay each image's views out)."""
+        features = self.vision_tower(pixel_values.to(self.device)).to(self.dtype)
+        if self.config.views.name == "single":
+            return self.projector(features)
+        if image_sizes is None:
+            raise ConfigError(f"the {self.config.views.name!r} views strategy needs image_sizes with the pixels")
+        sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
+        counts = [self.image_views.num_views(size) for size in sizes]
+        if sum(counts) != features.shape[0]:
+            raise ImageTokenMismatchError(f"{features.shape[0]} views given, but the image sizes make {sum(counts)}")
+        out = []
+        for views, size in zip(features.split(counts), sizes, strict=True):
+            mapped = self.projector(self.image_views.before_projector(views, size))
+            out.append(self.image_views.after_projector(mapped, size))
+        return out
 
     def embed_inputs(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Text embeddings with image features written over the placeholder positions.
 
@@ -118,7 +154,7 @@ class VisionLanguageModel(nn.Module):
         embeds = self.language_model.get_input_embeddings()(input_ids)
         slots = input_ids == self.image_token_id
         if image_features is None and pixel_values is not None:
-            image_features = self.encode_images(pixel_values)
+            image_features = self.encode_images(pixel_values, image_sizes)
         if image_features is None:
             if slots.any():
                 raise ImageTokenMismatchError(
@@ -149,6 +185,7 @@ class VisionLanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         image_counts: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         supervised_loss: bool = False,
         loss_weights: torch.Tensor | None = None,
         **lm_kwargs,
@@ -157,24 +194,28 @@ class VisionLanguageModel(nn.Module):
 
         Position ids default to the running count of attended tokens, so left padding gets correct positions.
         ``image_counts`` (images per row, from the processor) is checked against the images given (placement
-        itself is by token). ``supervised_loss=True`` (training) returns ``{"loss_sum", "targets"}`` from
-        :meth:`supervised_loss_sum` instead, through ``forward`` so that DDP sees the call (``loss_weights``:
-        per-position weights of that sum).
+        itself is by token); ``image_sizes`` (``(N, 2)`` heights and widths) lay out multi-view images.
+        ``supervised_loss=True`` (training) returns ``{"loss_sum", "targets"}`` from :meth:`supervised_loss_sum`
+        instead, through ``forward`` so that DDP sees the call (``loss_weights``: per-position weights of that
+        sum).
         """
-        if image_counts is not None:
-            given = 0 if pixel_values is None else int(pixel_values.shape[0])
-            if image_features is None and int(image_counts.sum()) != given:
+        if image_counts is not None and image_features is None:
+            if image_sizes is not None:
+                given = int(image_sizes.shape[0])
+            else:
+                given = 0 if pixel_values is None else int(pixel_values.shape[0])  # one view per image
+            if int(image_counts.sum()) != given:
                 raise ConfigError(f"image_counts says {int(image_counts.sum())} image(s) but {given} were given")
         if supervised_loss:
             if labels is None:
                 raise ConfigError("supervised_loss=True needs labels")
             loss_sum, targets = self.supervised_loss_sum(
-                input_ids, labels, attention_mask, pixel_values, position_ids, loss_weights
+                input_ids, labels, attention_mask, pixel_values, position_ids, loss_weights, image_sizes
             )
             return {"loss_sum": loss_sum, "targets": torch.tensor(targets)}
         if loss_weights is not None:
             raise ConfigError("loss_weights are for the supervised loss (supervised_loss=True)")
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features)
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features, image_sizes)
         if position_ids is None and attention_mask is not None and lm_kwargs.get("cache") is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return self.language_model(
@@ -193,6 +234,7 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Summed next-token cross-entropy (fp32) over ``labels`` != -100, and the number of those targets.
 
@@ -206,10 +248,13 @@ class VisionLanguageModel(nn.Module):
         shift_labels = labels[:, 1:]
         targets = shift_labels != IGNORE_INDEX
         if not self._head_only_supported():
-            logits = self(input_ids, attention_mask, pixel_values, position_ids=position_ids, use_cache=False).logits
+            logits = self(
+                input_ids, attention_mask, pixel_values, position_ids=position_ids, image_sizes=image_sizes,
+                use_cache=False,
+            ).logits  # fmt: skip
             picked = logits[:, :-1][targets].float()
         else:
-            embeds = self.embed_inputs(input_ids, pixel_values)
+            embeds = self.embed_inputs(input_ids, pixel_values, image_sizes=image_sizes)
             if position_ids is None and attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             hidden = self.language_model.get_decoder()(

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from vlmkit.config import config_from_dict, config_to_dict
+from vlmkit.config import ViewsConfig, config_from_dict, config_to_dict
 from vlmkit.errors import CheckpointError, ImageTokenMismatchError, ProcessingError
 from vlmkit.processing.chat import (
     DEFAULT_TEMPLATE_TOKENS,
@@ -31,6 +31,7 @@ from vlmkit.processing.images import (
     load_image,
 )
 from vlmkit.tokens import IGNORE_INDEX
+from vlmkit.views import Geometry, build_views, views_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class EncodedSample:
     image_order: list[int] | None = None
     """For each image run of ``input_ids``, the index of its image among those given (the processor's image
     layout may show an image again); None: the given order."""
+    image_sizes: list[tuple[int, int]] | None = None
+    """``(height, width)`` of the image of each run (what multi-view strategies lay the image out by)."""
 
     @property
     def num_images(self) -> int:
@@ -93,6 +96,7 @@ class VLMProcessor:
         image_token: str = IMAGE_TOKEN,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         image_layout: ImageLayout = "as_written",
+        views: ViewsConfig | None = None,
     ) -> None:
         check_image_layout(image_layout, "image_layout")
         prepare_tokenizer(tokenizer, image_token)
@@ -101,6 +105,11 @@ class VLMProcessor:
         self.image_config = image_config
         self.image_transform = ImageTransform(image_config)
         self.tokens_per_image = tokens_per_image
+        """Placeholder tokens of one view (of the whole image with the ``single`` views strategy)."""
+        self.views_config = views or ViewsConfig()
+        self.views = build_views(
+            self.views_config, Geometry(image_config.size, tokens_per_image, tower_dim=0), self.image_transform
+        )
         self.image_token = image_token
         self.image_token_id = int(tokenizer.convert_tokens_to_ids(image_token))  # type: ignore[arg-type]
         self.max_pixels = max_pixels
@@ -124,6 +133,26 @@ class VLMProcessor:
                 loaded[id(s)] = self.image_transform(image, describe_source(s))
         return torch.stack([loaded[id(s)] for s in sources])
 
+    def load_views(self, sources: list[Any]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+        """Every view of every source, ``(total views, 3, S, S)`` (None for no images), and each image's
+        ``(height, width)``; a source object given several times is loaded once."""
+        if not sources:
+            return None, []
+        loaded: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+        for s in sources:
+            if id(s) not in loaded:
+                image = load_image(s, max_pixels=self.max_pixels, access=self.image_access)
+                loaded[id(s)] = self.views.pixels(image, describe_source(s)), (image.height, image.width)
+        return torch.cat([loaded[id(s)][0] for s in sources]), [loaded[id(s)][1] for s in sources]
+
+    def image_sizes(self, sources: list[Any]) -> list[tuple[int, int]]:
+        """Each source's ``(height, width)``, decoding it as :func:`load_image` does (orientation applied)."""
+        sizes = []
+        for s in sources:
+            image = load_image(s, max_pixels=self.max_pixels, access=self.image_access)
+            sizes.append((image.height, image.width))
+        return sizes
+
     def encode(
         self,
         messages: list[dict[str, Any]],
@@ -142,8 +171,16 @@ class VLMProcessor:
         flat, order = place_images(flat, self.image_layout, self.image_token)
         sources = [given[i] for i in order]
         chat = self.chat.encode(flat, train=train, name=name)
-        pixel_values = self.load_images(sources) if pixels else None
-        counts = [self.tokens_per_image] * len(sources)
+        sizes: list[tuple[int, int]] | None
+        if pixels:
+            pixel_values, sizes = self.load_views(sources)
+        else:  # transformed later (per batch); multi-view token counts still need each image's size
+            pixel_values, sizes = None, None if self.views_config.name == "single" else self.image_sizes(sources)
+        counts = (
+            [self.views.num_tokens(size) for size in sizes]
+            if sizes is not None
+            else [self.tokens_per_image] * len(sources)
+        )
         found = chat.input_ids.count(self.image_token_id)
         if found != len(counts):
             raise ImageTokenMismatchError(
@@ -164,7 +201,7 @@ class VLMProcessor:
         if max_length is not None and len(ids) > max_length:
             raise ProcessingError(f"{name}: {len(ids)} tokens (images included) is over the limit of {max_length}")
         labels = [t if s else IGNORE_INDEX for t, s in zip(ids, supervised, strict=True)] if train else None
-        return EncodedSample(ids, labels, pixel_values, counts, order)
+        return EncodedSample(ids, labels, pixel_values, counts, order, sizes)
 
     # -- batches --------------------------------------------------------------------------------------------
     def collate(
@@ -172,7 +209,8 @@ class VLMProcessor:
     ) -> dict[str, torch.Tensor]:
         """Pad a list of encoded samples into a batch (right padding for training, left for generation).
 
-        ``pixel_values`` holds every image of the batch in row order; ``image_counts`` the images per row.
+        ``pixel_values`` holds every view of every image of the batch in row order; ``image_counts`` the images
+        per row; ``image_sizes`` each image's ``(height, width)`` (when the samples have them).
         """
         if not samples:
             raise ProcessingError("cannot collate an empty batch")
@@ -195,6 +233,9 @@ class VLMProcessor:
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
         batch["image_counts"] = torch.tensor([s.num_images for s in samples], dtype=torch.long)
+        if pixels and all(s.image_sizes is not None for s in samples if s.num_images):
+            sizes = [size for s in samples for size in s.image_sizes or []]
+            batch["image_sizes"] = torch.tensor(sizes, dtype=torch.long).reshape(-1, 2)
         return batch
 
     def __call__(
@@ -228,6 +269,7 @@ class VLMProcessor:
             "image_token": self.image_token,
             "max_pixels": self.max_pixels,
             "image_layout": self.image_layout,
+            "views": views_to_dict(self.views_config),
         }
         (folder / PROCESSOR_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
@@ -247,4 +289,5 @@ class VLMProcessor:
             data.get("image_token", IMAGE_TOKEN),
             data.get("max_pixels", DEFAULT_MAX_PIXELS),
             data.get("image_layout", "as_written"),
+            config_from_dict(ViewsConfig, data.get("views", {}), "views."),
         )

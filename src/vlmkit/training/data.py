@@ -315,14 +315,17 @@ class Collator:
         self.packing = packing
         self.loss_weighting = loss_weighting
 
-    def _pixels(self, sample: TrainSample) -> torch.Tensor | None:
-        return self.processor.load_images(sample.images) if sample.images else None
+    def _views(self, sample: TrainSample) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+        return self.processor.load_views(sample.images) if sample.images else (None, [])
 
     def __call__(self, samples: list[TrainSample]) -> dict[str, Any]:
         if self.packing:
             batch = self._packed(samples)
         else:
-            encoded = [EncodedSample(s.input_ids, s.labels, self._pixels(s), s.image_token_counts) for s in samples]
+            encoded = []
+            for s in samples:
+                pixels, sizes = self._views(s)
+                encoded.append(EncodedSample(s.input_ids, s.labels, pixels, s.image_token_counts, image_sizes=sizes))
             batch = self.processor.collate(encoded, padding_side="right")
             batch.pop("image_counts", None)
         if self.loss_weighting != "token":
@@ -354,6 +357,7 @@ class Collator:
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
         pixels: list[torch.Tensor] = []
+        sizes: list[tuple[int, int]] = []
         for r, row in enumerate(rows):
             col = 0
             for i in row:
@@ -362,14 +366,16 @@ class Collator:
                 input_ids[r, col : col + n] = torch.tensor(s.input_ids)
                 labels[r, col + 1 : col + n] = torch.tensor(s.labels[1:])
                 positions[r, col : col + n] = torch.arange(n)
-                p = self._pixels(s)
+                p, image_sizes = self._views(s)
                 if p is not None:
                     pixels.append(p)
+                    sizes += image_sizes
                 col += n
             positions[r, col:] = torch.arange(width - col)  # padding: a segment of its own
         batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
+            batch["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
         return batch
 
 

@@ -27,7 +27,7 @@ from vlmkit.training.data import (
 from vlmkit.training.model import apply_policy, param_groups, set_gradient_checkpointing
 from vlmkit.training.objectives.base import OBJECTIVES, StageRun, StageSetup, StepBatch
 
-INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "loss_weights")
+INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_sizes", "loss_weights")
 
 
 def stage_steps(stage: StageConfig, plan: BatchPlan) -> int:
