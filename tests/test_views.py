@@ -130,3 +130,37 @@ def test_a_multi_view_model_is_not_exported_as_plain_llava(mirror):
     model, _ = compose_tiny(views=mirror)
     with pytest.raises(ConfigError, match="one view per image; this model uses the 'test_mirror'"):
         check_expressible(model)
+
+
+def test_an_image_token_budget_is_checked_before_any_view_is_built(mirror, monkeypatch):
+    from vlmkit.errors import ProcessingError
+
+    _, processor = compose_tiny(siglip_config(), llama_config(), views=mirror)
+    built = []
+    real = processor.views.pixels
+    monkeypatch.setattr(processor.views, "pixels", lambda image, name: built.append(name) or real(image, name))
+    per_image = 2 * processor.tokens_per_image + 1
+    processor.max_image_tokens = 2 * per_image - 1
+    with pytest.raises(ProcessingError, match=f"make {2 * per_image} image tokens .* over the budget"):
+        processor.encode([image_turn("two images", 2)])
+    assert built == []
+    processor.max_image_tokens = 2 * per_image
+    assert processor.encode([image_turn("two images", 2)]).image_token_counts == [per_image, per_image]
+
+
+def test_the_server_applies_its_image_token_budget(mirror):
+    import httpx
+
+    from test_server import LiveServer, image_message
+    from vlmkit.serving.server import ServerSettings
+
+    vlm = VLM(*compose_tiny(siglip_config(), llama_config(), views=mirror))
+    live = LiveServer(vlm, ServerSettings(model_name="tiny", max_image_tokens=vlm.processor.tokens_per_image))
+    try:
+        body = {"model": "tiny", "messages": image_message(), "max_tokens": 2}
+        answer = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=30)
+        assert answer.status_code == 400 and "over the budget" in answer.json()["error"]["message"]
+        text_only = {**body, "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(f"{live.url}/v1/chat/completions", json=text_only, timeout=30).status_code == 200
+    finally:
+        live.stop()

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_body_mb=args.max_body_mb,
         max_images_per_request=args.max_images_per_request,
+        max_image_tokens=args.max_image_tokens,
         allow_remote_images=args.allow_remote_images,
         allowed_local_media_path=args.allowed_local_media_path,
         allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
@@ -70,6 +71,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=positive_int, default=256, help="waiting requests before 429")
     parser.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (413 above)")
     parser.add_argument("--max-images-per-request", type=positive_int, default=8)
+    parser.add_argument(
+        "--max-image-tokens", type=positive_int, help="image tokens per request, checked first (default: the context)"
+    )
     parser.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
     parser.add_argument("--allowed-local-media-path", help="allow file:// image URLs under this folder")
     parser.add_argument("--remote-image-timeout", type=positive_float, default=5.0,

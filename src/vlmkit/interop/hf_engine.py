@@ -231,7 +231,14 @@ class HFEngine:
         batch = self.processor.prepare([messages])
         ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
         self._check_length(len(ids), name)
-        return HFEncoded(messages, ids, _runs(ids, self.placeholder_ids))
+        runs = _runs(ids, self.placeholder_ids)
+        budget = self.processor.max_image_tokens
+        if budget is not None and sum(runs) > budget:
+            raise ProcessingError(
+                f"{name}: its images make {sum(runs)} image tokens, over the budget of {budget}; send fewer or "
+                "smaller images"
+            )
+        return HFEncoded(messages, ids, runs)
 
     def _new_row(self, key: Hashable, prompt: list[int], options: GenerationOptions) -> RowState:
         self._check_length(len(prompt), f"conversation {key}")

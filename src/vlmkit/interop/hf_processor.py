@@ -79,6 +79,8 @@ class HFProcessor:
         self.processor = processor
         self.max_pixels = max_pixels
         self.image_access = image_access or ImageAccess()
+        self.max_image_tokens: int | None = None
+        """Image tokens one conversation may hold (checked by the engine after the model's processor ran)."""
 
     @property
     def tokenizer(self) -> Any:

@@ -115,6 +115,8 @@ class VLMProcessor:
         self.max_pixels = max_pixels
         self.image_layout: ImageLayout = image_layout
         self.image_access = ImageAccess()  # where images may come from; a server narrows it
+        self.max_image_tokens: int | None = None
+        """Image tokens one conversation may hold (a server sets it; None: only the context bounds them)."""
         pad = tokenizer.pad_token_id
         self.pad_token_id: int = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self.stop_token_ids: list[int] = self.chat.end_of_turn_ids()
@@ -138,12 +140,25 @@ class VLMProcessor:
         ``(height, width)``; a source object given several times is loaded once."""
         if not sources:
             return None, []
-        loaded: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+        images: dict[int, Any] = {}
         for s in sources:
-            if id(s) not in loaded:
-                image = load_image(s, max_pixels=self.max_pixels, access=self.image_access)
-                loaded[id(s)] = self.views.pixels(image, describe_source(s)), (image.height, image.width)
-        return torch.cat([loaded[id(s)][0] for s in sources]), [loaded[id(s)][1] for s in sources]
+            if id(s) not in images:
+                images[id(s)] = load_image(s, max_pixels=self.max_pixels, access=self.image_access)
+        sizes = [(images[id(s)].height, images[id(s)].width) for s in sources]
+        self.check_image_budget(sizes)  # before any view is allocated
+        views = {key: self.views.pixels(image, describe_source(image)) for key, image in images.items()}
+        return torch.cat([views[id(s)] for s in sources]), sizes
+
+    def check_image_budget(self, sizes: list[tuple[int, int]], name: str = "request") -> None:
+        """Refuse images whose tokens together pass :attr:`max_image_tokens` (None: no budget)."""
+        if self.max_image_tokens is None:
+            return
+        tokens = sum(self.views.num_tokens(size) for size in sizes)
+        if tokens > self.max_image_tokens:
+            raise ProcessingError(
+                f"{name}: its {len(sizes)} image(s) make {tokens} image tokens ({self.views_config.name} views), "
+                f"over the budget of {self.max_image_tokens}; send fewer or smaller images"
+            )
 
     def image_sizes(self, sources: list[Any]) -> list[tuple[int, int]]:
         """Each source's ``(height, width)``, decoding it as :func:`load_image` does (orientation applied)."""

@@ -47,6 +47,8 @@ class ServerSettings:
     max_queue: int = 256
     max_body_mb: float = 20.0
     max_images_per_request: int = 8
+    max_image_tokens: int | None = None
+    """Image tokens per request, checked before any view is built (None: the model's context length)."""
     allow_remote_images: bool = False
     allowed_local_media_path: str | None = None
     default_max_tokens: int = 256
@@ -106,6 +108,7 @@ def create_app(vlm: VLM, settings: ServerSettings) -> FastAPI:
     root = Path(settings.allowed_local_media_path).resolve() if settings.allowed_local_media_path else None
     processor.image_access = ImageAccess(allow_local=False, local_root=root, allow_remote=settings.allow_remote_images,
                                          remote_timeout=settings.remote_image_timeout_s)  # fmt: skip
+    processor.max_image_tokens = settings.max_image_tokens or vlm.engine.context_length
     state: dict[str, Any] = {}
 
     @asynccontextmanager
