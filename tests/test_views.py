@@ -164,3 +164,30 @@ def test_the_server_applies_its_image_token_budget(mirror):
         assert httpx.post(f"{live.url}/v1/chat/completions", json=text_only, timeout=30).status_code == 200
     finally:
         live.stop()
+
+
+def test_the_strategys_parameters_train_freeze_and_travel_with_the_projector(mirror, tmp_path):
+    from types import SimpleNamespace
+
+    from vlmkit.training.model import merged_view, param_groups
+
+    torch.manual_seed(0)
+    model, _ = compose_tiny(siglip_config(), llama_config(), views=mirror)
+    model.set_trainable(vision=False, projector=False, language_model=False)
+    assert not model.image_views.separator.requires_grad
+    assert model.parameter_summary()["projector"].frozen >= model.image_views.separator.numel()
+    model.set_trainable(projector=True)
+    assert model.image_views.separator.requires_grad
+    stage = SimpleNamespace(module_lr={}, lr=1e-3, weight_decay=0.0)
+    grouped = {id(p) for group in param_groups(model, stage) for p in group["params"]}
+    assert id(model.image_views.separator) in grouped
+    assert merged_view(model).image_views is model.image_views
+    with torch.no_grad():
+        model.image_views.separator.fill_(0.5)
+    model.save_projector(tmp_path / "proj")
+    other, _ = compose_tiny(siglip_config(), llama_config(), views=mirror)
+    other.load_projector(tmp_path / "proj")
+    assert torch.equal(other.image_views.separator, model.image_views.separator)
+    single, _ = compose_tiny(siglip_config(), llama_config())
+    with pytest.raises(ConfigError, match="trained with 'test_mirror' image views, but this model uses 'single'"):
+        single.load_projector(tmp_path / "proj")

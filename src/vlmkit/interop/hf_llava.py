@@ -11,6 +11,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -85,11 +86,17 @@ def template_layout(template: str | None) -> ImageLayout:
 
 def check_expressible(model: VisionLanguageModel) -> None:
     """Raise :class:`ConfigError` saying why transformers' Llava can't hold this model, if it can't."""
-    if model.config.views.name != "single":
+    views = model.config.views.name
+    if views != "single":
+        hint = " (LLaVA-NeXT's AnyRes: export it as hf-llava-next)" if views == "anyres" else ""
         raise ConfigError(
-            f"transformers' LLaVA takes one view per image; this model uses the {model.config.views.name!r} views "
-            "strategy"
+            f"transformers' LLaVA takes one view per image; this model uses the {views!r} views strategy{hint}"
         )
+    check_parts(model)
+
+
+def check_parts(model: VisionLanguageModel) -> None:
+    """What :func:`check_expressible` checks besides the views: projector and LM layout (LLaVA-NeXT shares them)."""
     name = model.config.projector.name
     if name != "mlp2x_gelu":
         raise ConfigError(
@@ -106,14 +113,19 @@ def check_expressible(model: VisionLanguageModel) -> None:
 
 def llava_config(model: VisionLanguageModel) -> LlavaConfig:
     """The LlavaConfig equivalent of a vlmkit model."""
+    return LlavaConfig(**llava_config_kwargs(model))
+
+
+def llava_config_kwargs(model: VisionLanguageModel) -> dict[str, Any]:
+    """The settings LLaVA's config (and LLaVA-NeXT's, which adds its pinpoints) takes from a vlmkit model."""
     tower = model.vision_tower
     text = model.language_model.config
-    return LlavaConfig(  # type: ignore[call-arg]
+    return dict(
         vision_config=tower.model.config.to_dict(),
         text_config=text.to_dict(),
         image_token_id=model.image_token_id,
         projector_hidden_act="gelu",
-        vision_feature_select_strategy=tower.select_strategy,  # type: ignore[arg-type]
+        vision_feature_select_strategy=tower.select_strategy,
         vision_feature_layer=tower.feature_layer,
         image_seq_length=tower.num_tokens(),
         multimodal_projector_bias=True,
@@ -121,8 +133,14 @@ def llava_config(model: VisionLanguageModel) -> LlavaConfig:
     )
 
 
-def llava_state_dict(model: VisionLanguageModel, layout: str = "original") -> dict[str, torch.Tensor]:
-    """Weights under LLaVA names: ``original`` (on-disk, every version) or ``model`` (transformers 4.52+ memory)."""
+def llava_state_dict(
+    model: VisionLanguageModel, layout: str = "original", extra: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Weights under LLaVA names: ``original`` (on-disk, every version) or ``model`` (transformers 4.52+ memory).
+
+    ``extra`` names more vlmkit weights by their original LLaVA-family name (e.g. LLaVA-NeXT's ``image_newline``),
+    which the ``model`` layout puts under ``model.``."""
+    extra = extra or {}
     out: dict[str, torch.Tensor] = {}
     tied = bool(getattr(model.language_model.config, "tie_word_embeddings", False))
     for key, value in model.state_dict().items():
@@ -141,6 +159,8 @@ def llava_state_dict(model: VisionLanguageModel, layout: str = "original") -> di
             if tied and layout == "original":
                 continue
             new = key if layout == "original" else "lm_head.weight"
+        elif key in extra:
+            new = extra[key] if layout == "original" else f"model.{extra[key]}"
         else:
             raise ConfigError(f"weight {key!r} has no place in LLaVA's layout")
         out[new] = value.detach().contiguous()
@@ -176,11 +196,21 @@ def export_hf_llava(model: VisionLanguageModel, processor: VLMProcessor, out: st
     config.save_pretrained(out)
     weights = llava_state_dict(model, "original")
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_hf_processor(LlavaProcessor, _image_processor(processor), model, processor, out)
+    log.info("exported to %s (transformers LLaVA format, %d tensors)", out, len(weights))
+    return out
+
+
+def save_hf_processor(
+    processor_class: type, image_processor: Any, model: VisionLanguageModel, processor: VLMProcessor, out: Path
+) -> None:
+    """Write a LLaVA-family transformers processor (the chat template made to take content parts, images placed
+    as vlmkit places them) and ``generation_config.json`` (vlmkit's stop and pad ids) into ``out``."""
     tokenizer = processor.tokenizer
     template = parts_template(processor.chat.template, processor.image_layout)
     tower = model.vision_tower
-    hf_processor = LlavaProcessor(
-        image_processor=_image_processor(processor),
+    hf_processor = processor_class(
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=tower.model.config.patch_size,
         vision_feature_select_strategy=tower.select_strategy,
@@ -196,8 +226,6 @@ def export_hf_llava(model: VisionLanguageModel, processor: VLMProcessor, out: st
         tokenizer.chat_template = original
     generation = {"eos_token_id": processor.stop_token_ids, "pad_token_id": processor.pad_token_id}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    log.info("exported to %s (transformers LLaVA format, %d tensors)", out, len(weights))
-    return out
 
 
 def to_transformers_llava(model: VisionLanguageModel) -> LlavaForConditionalGeneration:

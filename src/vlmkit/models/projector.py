@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from vlmkit.errors import RegistryError
+from vlmkit.models.pixel_shuffle import PixelShuffleProjector
 from vlmkit.registry import Registry
 
 ProjectorFactory = Callable[[int, int], nn.Module]
@@ -54,8 +55,15 @@ PROJECTORS.register_family(
 )
 
 
+PROJECTORS.register_family(
+    r"pixel_shuffle(?P<scale>[2-9]|[1-9][0-9])x",
+    lambda match: lambda i, o: PixelShuffleProjector(i, o, int(match.group("scale"))),
+    "pixel_shuffle{s}x (s = 2..99, e.g. pixel_shuffle2x)",
+)
+
+
 def projector_names() -> list[str]:
-    """Valid names: the fixed ones plus the ``mlp{N}x_gelu`` family."""
+    """Valid names: the fixed ones plus the ``mlp{N}x_gelu`` and ``pixel_shuffle{s}x`` families."""
     return PROJECTORS.names()
 
 

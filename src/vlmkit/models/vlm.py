@@ -27,6 +27,8 @@ WEIGHTS_FILE = "model.safetensors"
 PROJECTOR_WEIGHTS = "projector.safetensors"
 PROJECTOR_CONFIG = "projector.json"
 COMPONENTS = ("vision_tower", "projector", "language_model")
+VIEWS_PREFIX = "image_views."
+"""Key prefix of the views strategy's parameters in a projector-only checkpoint."""
 
 
 def build_language_model(
@@ -278,17 +280,21 @@ class VisionLanguageModel(nn.Module):
         )
 
     # -- freezing -------------------------------------------------------------------------------------------
+    def component_modules(self, name: str) -> list[nn.Module]:
+        """The modules of a component (:data:`COMPONENTS`): the projector's includes the views strategy's own
+        parameters (separators, newlines), which train and freeze with it."""
+        if name == "projector":
+            return [self.projector, self.image_views]
+        return [getattr(self, name)]
+
     def set_trainable(
         self, vision: bool | None = None, projector: bool | None = None, language_model: bool | None = None
     ) -> None:
         """Freeze (False) or unfreeze (True) whole components; None leaves a component as it is."""
-        for module, flag in (
-            (self.vision_tower, vision),
-            (self.projector, projector),
-            (self.language_model, language_model),
-        ):
+        for name, flag in (("vision_tower", vision), ("projector", projector), ("language_model", language_model)):
             if flag is not None:
-                module.requires_grad_(flag)
+                for module in self.component_modules(name):
+                    module.requires_grad_(flag)
 
     def parameter_summary(self) -> dict[str, ComponentCount]:
         """Trainable and frozen parameter counts per component (shared tensors counted once)."""
@@ -296,7 +302,7 @@ class VisionLanguageModel(nn.Module):
         summary = {}
         for name in COMPONENTS:
             trainable = frozen = 0
-            for param in getattr(self, name).parameters():
+            for param in (p for module in self.component_modules(name) for p in module.parameters()):
                 if id(param) in seen:
                     continue
                 seen.add(id(param))
@@ -350,7 +356,7 @@ class VisionLanguageModel(nn.Module):
 
     # -- projector-only checkpoints -------------------------------------------------------------------------
     def _projector_dims(self) -> tuple[int, int]:
-        return self.vision_tower.hidden_size, self.language_model.config.hidden_size
+        return projector_in(self.config.views, self.vision_tower.hidden_size), self.language_model.config.hidden_size
 
     def save_projector(self, folder: str | Path) -> Path:
         """Save only the projector (weights + name + dimensions), to attach to another LM later."""
@@ -364,9 +370,12 @@ class VisionLanguageModel(nn.Module):
             "out_features": out_features,
             "vision_model_type": self.vision_tower.model.config.model_type,
             "lm_model_type": self.language_model.config.model_type,
+            "views": self.config.views.name,
         }
         (folder / PROJECTOR_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         state = {k: v.detach().contiguous() for k, v in self.projector.state_dict().items()}
+        # the views strategy's parameters (separators, newlines) train with the projector and travel with it
+        state |= {f"{VIEWS_PREFIX}{k}": v.detach().contiguous() for k, v in self.image_views.state_dict().items()}
         save_file(state, str(folder / PROJECTOR_WEIGHTS))
         return folder
 
@@ -385,7 +394,17 @@ class VisionLanguageModel(nn.Module):
                 f"projector in {folder} maps {meta['in_features']} → {meta['out_features']}, but this model needs "
                 f"{want_in} → {want_out} (vision feature size → LM hidden size)"
             )
+        views = meta.get("views", "single")
+        if views != self.config.views.name:
+            raise ConfigError(
+                f"projector in {folder} was trained with {views!r} image views, but this model uses "
+                f"{self.config.views.name!r}"
+            )
+        state = load_file(str(weights))
+        own = {k[len(VIEWS_PREFIX) :]: v for k, v in state.items() if k.startswith(VIEWS_PREFIX)}
         projector = build_projector(meta["name"], want_in, want_out)
-        projector.load_state_dict(load_file(str(weights)), strict=True)
+        projector.load_state_dict({k: v for k, v in state.items() if not k.startswith(VIEWS_PREFIX)}, strict=True)
+        self.image_views.load_state_dict(own, strict=True)
+        self.image_views.to(device=self.device, dtype=self.dtype)
         self.projector = projector.to(device=self.device, dtype=self.dtype)
         self.config.projector.name = meta["name"]

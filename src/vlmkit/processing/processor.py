@@ -157,7 +157,8 @@ class VLMProcessor:
         if tokens > self.max_image_tokens:
             raise ProcessingError(
                 f"{name}: its {len(sizes)} image(s) make {tokens} image tokens ({self.views_config.name} views), "
-                f"over the budget of {self.max_image_tokens}; send fewer or smaller images"
+                f"over the budget of {self.max_image_tokens}; send fewer images (a views strategy's own bound, "
+                "max_tiles or max_crops, sets how many tokens one image makes)"
             )
 
     def image_sizes(self, sources: list[Any]) -> list[tuple[int, int]]:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from vlmkit.config import config_from_dict, config_to_dict
+from vlmkit.config import ViewsConfig, config_from_dict, config_to_dict
 from vlmkit.errors import ConfigError, RegistryError
 from vlmkit.processing.chat import ImageLayout
 
@@ -55,10 +55,15 @@ class ModelSpec:
     image_layout: ImageLayout | None = None
     """Where the processor puts image tokens (:func:`vlmkit.processing.chat.place_images`); None keeps the
     checkpoint's own layout, or ``as_written`` for a new model."""
+    views: ViewsConfig | None = None
+    """How images become views and tokens for a new model (``{name: anyres, options: {...}}``; None: ``single``);
+    a checkpoint keeps its own."""
 
     def validate(self) -> None:
         if self.checkpoint and (self.vision is not None or self.lm is not None):
             raise ConfigError("model: give either 'checkpoint' or 'vision' + 'lm', not both")
+        if self.checkpoint and self.views is not None:
+            raise ConfigError("model.views: a checkpoint keeps the views it was trained with; give it for new models")
         if not self.checkpoint and (self.vision is None or self.lm is None):
             raise ConfigError("model: give 'checkpoint' (a vlmkit checkpoint) or both 'vision' and 'lm'")
         if self.tokenizer and self.train_tokenizer:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.compose import compose, save_pretrained
@@ -54,6 +53,7 @@ def build_model(spec: ModelSpec, tokenizer: Any = None) -> tuple[VisionLanguageM
             select_strategy=spec.select_strategy,
             resize_mode=spec.resize_mode,
             image_layout=spec.image_layout or "as_written",
+            views=spec.views,
         )
     if spec.checkpoint and spec.image_layout is not None:
         processor.image_layout = spec.image_layout
@@ -139,8 +139,8 @@ def apply_policy(model: VisionLanguageModel, stage: StageConfig) -> None:
         log.info("merged the LoRA adapters of %s into the base weights", ", ".join(merged))
     for component in COMPONENTS:
         policy = getattr(stage.policy, component)
-        module: nn.Module = getattr(model, MODULE_OF[component])
-        module.requires_grad_(policy == "full")
+        for module in model.component_modules(MODULE_OF[component]):
+            module.requires_grad_(policy == "full")
         if policy == "lora":
             owner, attr = _peft_target(model, component)
             config = LoraConfig(
@@ -183,7 +183,7 @@ def param_groups(model: VisionLanguageModel, stage: StageConfig) -> list[dict[st
         lr = stage.module_lr.get(component, stage.lr)
         decay: list[torch.nn.Parameter] = []
         no_decay: list[torch.nn.Parameter] = []
-        for param in getattr(model, MODULE_OF[component]).parameters():
+        for param in (p for module in model.component_modules(MODULE_OF[component]) for p in module.parameters()):
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
         for params, wd, suffix in ((decay, stage.weight_decay, ""), (no_decay, 0.0, ".no_decay")):
@@ -219,7 +219,9 @@ def merged_view(model: VisionLanguageModel) -> VisionLanguageModel:
     if "language_model" in wrapped:
         with _quiet_peft():
             lm = copy.deepcopy(wrapped["language_model"]).merge_and_unload()
-    return VisionLanguageModel(model.config, tower, model.projector, lm)
+    merged_model = VisionLanguageModel(model.config, tower, model.projector, lm)
+    merged_model.image_views = model.image_views  # shared, like the projector (a new one would be random)
+    return merged_model
 
 
 def export_plain(model: VisionLanguageModel, processor: VLMProcessor, folder: str | Path) -> Path:

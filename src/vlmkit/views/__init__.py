@@ -4,7 +4,11 @@ Adding a strategy is one module with its options, :class:`Views` and :class:`Ass
 :data:`VIEWS`, plus its import here.
 """
 
-from vlmkit.views import single  # noqa: F401  - registers itself
+from vlmkit.views import (
+    anyres,  # noqa: F401  - registers itself
+    hd,  # noqa: F401  - registers itself
+    single,  # noqa: F401  - registers itself
+)
 from vlmkit.views.base import (
     VIEWS,
     Assembler,
