@@ -44,3 +44,13 @@ def test_families_have_their_own_normalisation():
     assert normalisation_for(VisionConfig(), "dinov2")[0] == (0.485, 0.456, 0.406)
     assert normalisation_for(VisionConfig(), "siglip_vision_model")[0] == (0.5, 0.5, 0.5)
     assert "dinov2_with_registers" in TOWERS.names()
+
+
+def test_a_tower_with_registers_is_not_exported_as_llava():
+    from vlmkit.errors import ConfigError
+    from vlmkit.interop.hf_llava import check_expressible
+
+    config, _ = FAMILIES["dinov2-registers"]
+    model, _ = compose_tiny(config(), llama_config())
+    with pytest.raises(ConfigError, match="drops one CLS token; this tower has 5 prefix tokens"):
+        check_expressible(model)

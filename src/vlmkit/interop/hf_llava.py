@@ -103,6 +103,12 @@ def check_parts(model: VisionLanguageModel) -> None:
             f"transformers' Llava has a Linear-GELU-Linear projector only ('mlp2x_gelu'); this model's projector is "
             f"{name!r}, which it can't express"
         )
+    tower = model.vision_tower
+    if tower.select_strategy == "default" and tower.prefix_tokens != 1:
+        raise ConfigError(
+            f"LLaVA's 'default' feature selection drops one CLS token; this tower has {tower.prefix_tokens} prefix "
+            "tokens (a CLS and register tokens), which it would keep as image features"
+        )
     prefix = model.language_model.base_model_prefix
     if prefix != "model" or not hasattr(model.language_model, "lm_head"):
         raise ConfigError(

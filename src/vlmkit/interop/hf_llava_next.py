@@ -35,11 +35,6 @@ def check_expressible(model: VisionLanguageModel) -> None:
         )
     check_parts(model)
     tower = model.vision_tower
-    if tower.select_strategy == "default" and tower.prefix_tokens != 1:
-        raise ConfigError(
-            f"LLaVA-NeXT's 'default' feature selection drops one CLS token; this tower has {tower.prefix_tokens} "
-            "prefix tokens"
-        )
     side = tower.image_size // tower.model.config.patch_size
     if tokens_per_view(tower, model.projector) != side * side:
         raise ConfigError(
