@@ -281,3 +281,17 @@ def test_served_hosts_follow_the_bound_address():
     assert allowed_hosts("0.0.0.0", None) is None
     assert allowed_hosts("192.168.1.5", None) == ("192.168.1.5", "127.0.0.1", "localhost", "::1")
     assert allowed_hosts("0.0.0.0", "vlm.example, 10.0.0.2") == ("vlm.example", "10.0.0.2")
+
+
+def test_the_chat_page_is_guarded_cannot_be_framed_and_loads_nothing_from_elsewhere(server):
+    page = httpx.get(f"{server.url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in policy and "connect-src 'self'" in policy and "script-src 'self'" in policy
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+    assert httpx.get(f"{server.url}/", headers={"Host": "evil.example"}).status_code == 400  # DNS rebinding
+    config = httpx.get(f"{server.url}/ui/config.json").json()  # no key needed: nothing /health does not tell
+    assert config == {"model": "tiny", "notice": None, "api_key_required": True}
+    for text in [page.text, *(httpx.get(f"{server.url}/ui/{name}").text for name in ["chat.js", "chat.css"])]:
+        assert "://" not in text  # no CDN, no other origin: the page works offline
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401  # the API itself still needs the key

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         header_timeout_s=args.header_timeout,
         max_connections=args.max_connections,
         remote_image_timeout_s=args.remote_image_timeout,
+        ui=not args.no_ui,
     )
     if settings.allowed_hosts is None and args.allowed_hosts is None:
         print("note: serving requests for any Host name; list this server's names with --allowed-hosts to refuse "
@@ -53,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(vlm, settings)
     print(f"serving {args.model!r} on http://{args.host}:{args.port}/v1 (SIGTERM or Ctrl-C drains and stops)",
           file=sys.stderr)  # fmt: skip
+    if settings.ui:
+        print(f"chat page: http://{args.host}:{args.port}/", file=sys.stderr)
     # uvicorn drains on SIGTERM, then re-raises the signal; a no-op handler turns that into a clean exit 0
     signal.signal(signal.SIGTERM, lambda *_: None)
     config = uvicorn_config(app, settings, args.host, args.port, log_level=args.log_level,
@@ -85,5 +88,6 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--body-timeout", type=positive_float, default=30.0,
                         help="seconds a client has to send a request body")  # fmt: skip
     parser.add_argument("--max-connections", type=positive_int, default=512, help="open connections (503 above)")
+    parser.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(func=run)

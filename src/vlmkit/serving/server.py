@@ -28,6 +28,7 @@ from vlmkit.processing.images import ImageAccess
 from vlmkit.serving.body import parse_json, read_body
 from vlmkit.serving.errors import APIError
 from vlmkit.serving.guard import RequestGuard
+from vlmkit.serving.page import add_chat_page
 from vlmkit.serving.scheduler import QueueFull, Scheduler, ShuttingDown, Ticket
 from vlmkit.serving.schemas import ChatCompletionRequest, unsupported_fields
 
@@ -60,6 +61,8 @@ class ServerSettings:
     header_timeout_s: float = 10.0
     max_connections: int = 512
     remote_image_timeout_s: float = 5.0
+    ui: bool = True
+    """Serve the chat page at ``/`` (``--no-ui``: off)."""
 
 
 def _messages(request: ChatCompletionRequest, max_images: int) -> list[dict[str, Any]]:
@@ -151,6 +154,9 @@ def create_app(vlm: VLM, settings: ServerSettings) -> FastAPI:
     async def health() -> dict[str, Any]:
         active, waiting = state["scheduler"].load
         return {"status": "ok", "model": settings.model_name, "active": active, "waiting": waiting}
+
+    if settings.ui:
+        add_chat_page(app, settings.model_name, vlm.notice, api_key_required=settings.api_key is not None)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
