@@ -1,8 +1,9 @@
 """The backend contract (vlmkit.backends.Backend), one suite run on every registered backend.
 
-Each backend is a tiny random model built offline: vlmkit's own (SigLIP + Qwen2 composed) and a transformers
-Qwen2-VL checkpoint loaded by path. Backend-specific behaviour (KV-cache trimming, parity with transformers'
-own ``generate``) stays in test_engine.py and test_hf_backend.py.
+Each backend is a tiny random model built offline: vlmkit's own (SigLIP + Qwen2 composed), a transformers
+Qwen2-VL checkpoint loaded by path, and the native model exported to OpenVINO (skipped without the extra).
+Backend-specific behaviour (KV-cache trimming, parity with transformers' own ``generate``, OpenVINO's parity with
+PyTorch) stays in test_engine.py, test_hf_backend.py and test_openvino.py.
 """
 
 from __future__ import annotations
@@ -32,9 +33,22 @@ def _transformers(tmp_path_factory) -> VLM:
     return load_vlm(folder)
 
 
-@pytest.fixture(scope="module", params=["native", "transformers"])
+def _openvino(tmp_path_factory) -> VLM:
+    """The native model exported to OpenVINO (fp32) and loaded from its folder."""
+    pytest.importorskip("openvino", reason="the [openvino] extra is not installed")
+    import vlmkit
+    from vlmkit.interop.openvino_export import export_openvino
+
+    native = _native()
+    folder = export_openvino(native.model, native.processor, tmp_path_factory.mktemp("contract") / "openvino")
+    return vlmkit.load(str(folder))
+
+
+@pytest.fixture(scope="module", params=["native", "transformers", "openvino"])
 def vlm(request, tmp_path_factory) -> VLM:
-    loaded = _native() if request.param == "native" else _transformers(tmp_path_factory)
+    loaders = {"native": lambda: _native(), "transformers": lambda: _transformers(tmp_path_factory),
+               "openvino": lambda: _openvino(tmp_path_factory)}  # fmt: skip
+    loaded = loaders[request.param]()
     loaded.kind = request.param
     return loaded
 
@@ -198,3 +212,102 @@ def test_no_deprecated_transformers_api(engine, caplog):
     batch.add([(0, engine.encode(CONVERSATIONS[0]), GenerationOptions(max_new_tokens=3))])
     run_to_end(batch, {})
     assert not [r.getMessage() for r in caplog.records if "deprecat" in r.getMessage().lower()]
+
+
+# -- the API names of issue 19 (n, logprobs, continue_final_message, max_length, JSON mode, raw prompts) -------
+def test_n_answers_are_seeded_per_choice(engine):
+    """vLLM's ``n`` / transformers' ``num_return_sequences``: each answer is a row of its own, seeded by
+    ``choice_seed(seed, j)`` (choice 0: the seed itself), results grouped per conversation."""
+    from vlmkit.inference.rows import choice_seed
+
+    sample = GenerationOptions(max_new_tokens=6, temperature=1.0, seed=5)
+    results = engine.generate(CONVERSATIONS[:2], [GenerationOptions(max_new_tokens=6, temperature=1.0, seed=5, n=3),
+                                                  GenerationOptions(max_new_tokens=4)])  # fmt: skip
+    assert [r.choice for r in results] == [0, 1, 2, 0]
+    for j in range(3):
+        alone = engine.generate(CONVERSATIONS[:1], sample.__class__(**{**vars(sample), "seed": choice_seed(5, j)}))
+        assert results[j].token_ids == alone[0].token_ids
+    assert results[3].token_ids == engine.generate(CONVERSATIONS[1:2], GenerationOptions(max_new_tokens=4))[0].token_ids
+    greedy = engine.generate(CONVERSATIONS[:1], GenerationOptions(max_new_tokens=5, n=2))
+    assert greedy[0].token_ids == greedy[1].token_ids
+
+
+def test_a_running_batch_decodes_n_answers_per_request(engine):
+    batch = engine.new_batch()
+    options = GenerationOptions(max_new_tokens=4, temperature=1.0, seed=1, n=2)
+    batch.add([(0, engine.encode(CONVERSATIONS[0]), options), (1, engine.encode(CONVERSATIONS[3]), options)])
+    batch.cancel({1})
+    finished = []
+    while batch:
+        finished += [(e.index, e.choice) for e in batch.step() if e.result is not None]
+    assert sorted(finished) in ([(0, 0), (0, 1)], [(0, 0), (0, 1), (1, 0), (1, 1)])  # 1 may have run ahead
+    assert (0, 0) in finished and (0, 1) in finished
+
+
+def test_logprobs_are_raw_and_consistent(engine):
+    """The model's log-softmax before sampling adjustments (vLLM's default): a greedy token is its step's top
+    token, and the first step's numbers don't depend on temperature or on the rest of the batch."""
+    greedy = engine.generate(CONVERSATIONS[:2], GenerationOptions(max_new_tokens=5, logprobs=2))
+    for result in greedy:
+        assert len(result.logprobs) == len(result.token_ids)
+        for entry in result.logprobs:
+            assert entry.top[0].token_id == entry.token_id and entry.top[0].logprob == entry.logprob
+            assert entry.top[0].logprob >= entry.top[1].logprob and entry.logprob <= 0
+    sampled = engine.generate(CONVERSATIONS[:1], GenerationOptions(max_new_tokens=3, logprobs=2, temperature=1.7,
+                                                                   seed=3))[0]  # fmt: skip
+    first, other = greedy[0].logprobs[0].top, sampled.logprobs[0].top
+    assert [t.token_id for t in first] == [t.token_id for t in other]
+    assert [t.logprob for t in first] == pytest.approx([t.logprob for t in other], abs=1e-4)
+    assert engine.generate(CONVERSATIONS[:1], GenerationOptions(max_new_tokens=2))[0].logprobs is None
+
+
+def test_continue_final_message_and_max_length(vlm):
+    prefill = [{"role": "user", "content": "How many stars are there?"}, {"role": "assistant", "content": "There are"}]
+    encoded = vlm.engine.encode(prefill, continue_final_message=True)
+    assert vlm.processor.tokenizer.decode(encoded.input_ids).endswith("assistant\nThere are")
+    result = vlm.generate_batch([prefill], continue_final_message=True, max_length=len(encoded.input_ids) + 3)[0]
+    assert result.prompt_tokens == len(encoded.input_ids) and result.completion_tokens <= 3
+    with pytest.raises(ProcessingError, match="must be the assistant's"):
+        vlm.engine.encode(prefill[:1], continue_final_message=True)
+
+
+def test_json_mode_by_constrained_decoding(vlm):
+    """``response_format`` json_schema (OpenAI's shape), enforced with llguidance on both backends: a random
+    model still writes JSON that parses and fits the schema."""
+    import json
+
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+              "maximum": 9}}, "required": ["ok", "n"], "additionalProperties": False}  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    for seed in range(3):
+        result = vlm.generate_batch(CONVERSATIONS[:1], response_format=fmt, temperature=1.0, seed=seed,
+                                    max_new_tokens=30)[0]  # fmt: skip
+        value = json.loads(result.text)
+        assert result.finish_reason == "stop" and set(value) == {"ok", "n"} and 0 <= value["n"] <= 9
+    anything = vlm.generate_batch(CONVERSATIONS[3:4], response_format={"type": "json_object"}, max_new_tokens=12)
+    assert anything[0].text.startswith("{")
+
+
+def test_a_raw_prompt_has_no_template(engine):
+    """``encode_prompt``: the legacy completions' raw text (the tokenizer's own special tokens added)."""
+    tokenizer = engine.processor.tokenizer
+    encoded = engine.encode_prompt("How many stars are there?")
+    assert encoded.input_ids == tokenizer("How many stars are there?")["input_ids"] and not encoded.image_token_counts
+    results = engine.generate([encoded, engine.encode_prompt("hi")], GenerationOptions(max_new_tokens=4, n=2))
+    assert [r.prompt_tokens for r in results] == [len(encoded.input_ids)] * 2 + [len(tokenizer("hi")["input_ids"])] * 2
+    with pytest.raises(ProcessingError, match="empty"):
+        engine.encode_prompt("")
+
+
+def test_a_chat_template_override(vlm):
+    """transformers' ``chat_template`` argument: this call's prompt rendered with another Jinja template."""
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}"
+                "{% else %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endif %}<|im_end|>{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")  # fmt: skip
+    conversation = [{"role": "user", "content": "How many stars are there?"}]
+    encoded = vlm.engine.encode(conversation, chat_template=template)
+    text = vlm.processor.tokenizer.decode(encoded.input_ids, skip_special_tokens=False)
+    assert text == "<|im_start|>user: How many stars are there?<|im_end|><|im_start|>assistant: "
+    result = vlm.generate_batch([conversation], chat_template=template, max_new_tokens=3)[0]
+    assert result.prompt_tokens == len(encoded.input_ids)

@@ -29,7 +29,10 @@ def test_each_folder_goes_to_its_backend(tmp_path):
     assert detect_backend(tmp_path / "qwen") == "transformers"
     assert detect_backend(tmp_path / "native") == "vlmkit"
     assert detect_backend(tmp_path / "llava") == "llava-hf"
-    assert set(BACKENDS.names()) >= {"vlmkit", "llava-hf", "transformers"}
+    (tmp_path / "ov").mkdir()
+    (tmp_path / "ov" / "config.json").write_text(json.dumps({"vlmkit_runtime": "openvino", "format_version": 1}))
+    assert detect_backend(tmp_path / "ov") == "openvino"  # before "vlmkit", whatever else config.json says
+    assert set(BACKENDS.names()) >= {"vlmkit", "llava-hf", "transformers", "openvino"}
 
 
 def test_a_custom_code_model_is_named_as_such(tmp_path):
@@ -51,7 +54,7 @@ def test_unknown_names_list_the_built_in_models():
     with pytest.raises(CheckpointError, match="default, tiny-random"):
         vlmkit.load("no-such-model")
     with pytest.raises(RegistryError, match="valid names: .*transformers"):
-        BACKENDS.get("openvino")
+        BACKENDS.get("tensorrt")
 
 
 class EchoEngine:

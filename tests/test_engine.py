@@ -72,7 +72,7 @@ def test_prompt_longer_than_context_and_budget_clipped():
         ({"top_k": -1}, "top_k must be ≥ 0"),
         ({"repetition_penalty": 0}, "repetition_penalty must be > 0"),
         ({"stop": [""]}, "stop strings must be non-empty"),
-        ({"max_tokens": 3}, "unknown generation option.*max_tokens.*valid options: max_new_tokens"),
+        ({"max_tokns": 3}, "unknown generation option.*max_tokns.*valid options: max_new_tokens"),
     ],
 )
 def test_option_errors(kwargs, message):

@@ -138,7 +138,8 @@ def _constant(text: str, log: list | None = None):
 
 
 def test_registry_lists_names():
-    assert task_names() == ["pope", "vqa", "gqa", "textvqa", "docvqa", "grounding", "caption", "mcq"]
+    assert task_names() == ["pope", "vqa", "gqa", "textvqa", "docvqa", "grounding", "caption", "mcq", "mme", "mmbench",
+                            "chartqa", "seedbench", "mmstar"]  # fmt: skip
     with pytest.raises(RegistryError, match="choose from pope, vqa, gqa"):
         get_task("Pope")
     with pytest.raises(ConfigError, match="invalid option"):

@@ -22,7 +22,7 @@ from vlmkit.data.formats import (
 )
 from vlmkit.errors import DataError, RegistryError
 
-BUILT_IN = "hf, jsonl, llava, wds"
+BUILT_IN = "hf, jsonl, llava, parquet, wds"
 
 
 class TsvDataset(SampleDataset):

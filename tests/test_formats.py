@@ -185,7 +185,6 @@ FILE_CASES = {
     "dotdot_escape": ({"image": "../outside.png"}, "path_escape"),
     "absolute_escape": ({"image": "ABSOLUTE"}, "path_escape"),
     "symlink_escape": ({"image": "images/link.png"}, "path_escape"),
-    "missing_id": ({"id": None}, "missing_field"),
     "missing_conversations": ({"conversations": None}, "missing_field"),
     "empty_conversation": ({"conversations": []}, "empty_conversation"),
     "image_count_mismatch": ({"conversations": _llava_turns("What is it?")}, "image_count_mismatch"),
@@ -265,7 +264,7 @@ def test_skip_bad_counts_every_reason(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in [_good("good", "images/ok.png"), *bad]) + "\n{broken\n")
     dataset = open_dataset(path, skip_bad=True)
     assert [s.id for s in dataset] == ["good"]
-    expected = {"missing_image": 1, "unreadable_image": 1, "path_escape": 3, "missing_field": 3, "bad_json": 1,
+    expected = {"missing_image": 1, "unreadable_image": 1, "path_escape": 3, "missing_field": 2, "bad_json": 1,
                 "empty_conversation": 1, "image_count_mismatch": 2, "bad_role": 1, "bad_record": 1}  # fmt: skip
     assert dict(dataset.problems) == expected
     assert set(expected) <= set(PROBLEMS)
@@ -308,7 +307,6 @@ WDS_CASES = {
     "escape": (_wds_sample("bad", {"id": "bad", "image": "../x.png", "conversations": _llava_turns()}), "path_escape"),
     "bad_json": ([("bad.json", b'{"id": "bad", oops'), ("bad.png", _png())], "bad_json"),
     "no_json_member": ([("bad.png", _png())], "missing_field"),
-    "missing_id": (_wds_sample("bad", {"image": "bad.png", "conversations": _llava_turns()}), "missing_field"),
     "empty_conversation": (_wds_sample("bad", {"id": "bad", "image": "bad.png", "conversations": []}),
                            "empty_conversation"),
     "image_count_mismatch": (_wds_sample("bad", {"id": "bad", "conversations": _llava_turns("Hi?")}),
@@ -358,9 +356,8 @@ HF_CASES = {
     "missing_image": ({"images": [{"bytes": None, "path": "nope.png"}]}, "missing_image"),
     "no_bytes_no_path": ({"images": [{"bytes": None, "path": None}]}, "missing_image"),
     "path_escape": ({"images": [{"bytes": None, "path": "../outside.png"}]}, "path_escape"),
-    "missing_id": ({"id": None}, "missing_field"),
     "empty_conversation": ({"messages": []}, "empty_conversation"),
-    "image_count_mismatch": ({"messages": _turns("No marker?")}, "image_count_mismatch"),
+    "image_count_mismatch": ({"messages": _turns("<image><image>Two markers?")}, "image_count_mismatch"),
     "bad_role": ({"messages": [{"role": "bot", "content": "<image>"}]}, "bad_role"),
     "bad_meta": ({"meta": "{oops"}, "bad_json"),
 }
@@ -387,3 +384,48 @@ def test_hf_folder_with_several_splits_is_refused(tmp_path):
     datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(DataError, match="several splits"):
         open_dataset(tmp_path / "dd", "hf").__len__()
+
+
+PARQUET_CASES = {
+    "unreadable_image": ({"images": [{"bytes": b"nope", "path": None}]}, "unreadable_image"),
+    "no_bytes_no_path": ({"images": [{"bytes": None, "path": None}]}, "missing_image"),
+    "image_count_mismatch": ({"messages": _turns("<image><image>Two markers?")}, "image_count_mismatch"),
+    "no_conversation": ({"messages": None}, "missing_field"),
+    "bad_meta": ({"meta": "{oops"}, "bad_json"),
+}
+
+
+@pytest.mark.parametrize("case", PARQUET_CASES)
+def test_bad_rows_in_parquet_files(tmp_path, case):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def row(key, **change):
+        base = {"id": key, "images": [{"bytes": _png(), "path": None}], "messages": _turns(), "meta": "{}"}
+        return {**base, **change}
+
+    path = tmp_path / "d.parquet"
+    rows = [row("good"), row("bad", **PARQUET_CASES[case][0]), row("after")]
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)
+    _check_bad(open_dataset(path), f"{path}: row 1", PARQUET_CASES[case][1])
+
+
+def test_truncated_parquet_file(tmp_path):
+    path = tmp_path / "d.parquet"
+    with open_writer(tmp_path, "parquet", "d") as writer:
+        for record in _records():
+            writer.write(record)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(RecordError, match=rf"{path}: row 0: truncated or corrupt parquet file") as info:
+        list(open_dataset(path))
+    assert info.value.reason == "bad_shard"
+    dataset = open_dataset(path, skip_bad=True)
+    assert list(dataset) == [] and dataset.problems == {"bad_shard": 1} and len(dataset) == 0
+
+
+def test_wds_sample_of_an_image_and_a_caption_only(tmp_path):
+    """A webdataset of ``KEY.jpg`` + ``KEY.txt`` pairs (no JSON; e.g. webdataset's own caption examples)."""
+    shard = tmp_path / "caps-000000.tar"
+    _tar(shard, [("a.jpg", _png()), ("a.txt", b"a red square")])
+    (sample,) = open_dataset(shard)
+    assert sample.id == "a" and sample.messages[1] == {"role": "assistant", "content": "a red square"}

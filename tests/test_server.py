@@ -191,8 +191,8 @@ def test_protocol_errors(server):
     assert route.status_code == 404 and route.json()["error"]["type"] == "not_found_error"
     with pytest.raises(openai.NotFoundError, match="model 'gpt-9' not found"):
         server.client().chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
-    with pytest.raises(openai.BadRequestError, match="only n=1"):
-        server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=2)
+    with pytest.raises(openai.BadRequestError, match="n=33 is over this server's limit of 32"):
+        server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=33)
 
 
 def test_api_key(server):

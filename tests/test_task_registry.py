@@ -17,7 +17,21 @@ from vlmkit.evaluation.shapesworld import ShapesWorldSuite
 from vlmkit.evaluation.tasks import TASKS, EvalSample, Task, get_task, register_task, task_names
 from vlmkit.evaluation.tasks.rows import get_field
 
-BUILT_IN = ["pope", "vqa", "gqa", "textvqa", "docvqa", "grounding", "caption", "mcq"]
+BUILT_IN = [
+    "pope",
+    "vqa",
+    "gqa",
+    "textvqa",
+    "docvqa",
+    "grounding",
+    "caption",
+    "mcq",
+    "mme",
+    "mmbench",
+    "chartqa",
+    "seedbench",
+    "mmstar",
+]
 
 
 class KeywordTask(Task):

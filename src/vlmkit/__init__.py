@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "VLM": "vlmkit.api",
     "load": "vlmkit.api",
+    "pipeline": "vlmkit.pipelines",
     "compose": "vlmkit.models.compose",
     "load_pretrained": "vlmkit.models.compose",
     "save_pretrained": "vlmkit.models.compose",
@@ -33,6 +34,12 @@ _LAZY = {
     "load_image": "vlmkit.processing.images",
     "VLMProcessor": "vlmkit.processing.processor",
     "GenerationOptions": "vlmkit.inference.options",
+    "Embedder": "vlmkit.embeddings.api",
+    "embed": "vlmkit.embeddings.api",
+    "search": "vlmkit.embeddings.api",
+    "classify": "vlmkit.embeddings.api",
+    "find_duplicates": "vlmkit.embeddings.api",
+    "open_index": "vlmkit.embeddings.api",
 }
 
 __all__ = [

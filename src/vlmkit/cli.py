@@ -26,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
         "Train as CONFIG says. Under torchrun (--nproc_per_node=N -m vlmkit train ...) it runs DDP.",
     ),
     "data": ("generate, check, convert and export datasets", None),
+    "embed": ("embed images (files, folders, globs) into a searchable index (CLIP, SigLIP; resumable)", None),
+    "search": ("search an index by text or image, or list its near-duplicates (--dedupe)", None),
+    "classify": ("zero-shot labels for images with CLIP's prompt templates", None),
 }
 """Command name → (one-line help, longer description or None)."""
 COMMAND_MODULES = tuple(COMMANDS)

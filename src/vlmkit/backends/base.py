@@ -68,13 +68,18 @@ class Backend(Protocol):
     """What else the model supports: :data:`EXPORT`, :data:`TRAIN`."""
 
     def encode(self, conversation: Conversation, name: str = "request") -> Any:
-        """Check a conversation (images, template, context length); an :class:`EncodedPrompt`."""
+        """Check a conversation (images, template, context length); an :class:`EncodedPrompt`.
+
+        Both built-in backends also take ``continue_final_message`` and ``chat_template`` keywords (the API
+        passes them only when set), and have ``encode_prompt(text, name)`` for a raw text prompt (the server's
+        ``/v1/completions``; a backend without it answers that route with a 400)."""
         ...
 
     def generate(
         self, conversations: Sequence[Any], options: GenerationOptions | Sequence[GenerationOptions]
     ) -> list[GenerationResult]:
-        """One answer per conversation (or encoded prompt), all in one batch."""
+        """``options.n`` answers per conversation (or encoded prompt), all in one batch: conversation 0's
+        choices first, then conversation 1's, ... Each result's ``logprobs`` is filled when asked for."""
         ...
 
     def stream_batch(

@@ -10,13 +10,12 @@ from vlmkit.inference.describe import DEFAULT_PROMPT
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
+    from vlmkit.inference.budget import resolve_budget_tokenizer
     from vlmkit.inference.describe import collect_images, describe
 
-    collect_images(args.paths)  # fail on a bad path before loading the model
+    collect_images(args.paths)  # fail on a bad path or tokenizer before loading the model
+    counter = resolve_budget_tokenizer(args.budget_tokenizer) if args.budget_tokenizer else None
     vlm = load_model(args)
-    counter = AutoTokenizer.from_pretrained(args.budget_tokenizer) if args.budget_tokenizer else None
     summary = describe(
         vlm,
         args.paths,
@@ -51,9 +50,16 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--max-new-tokens", type=positive_int, default=77)
-    parser.add_argument("--token-budget", type=positive_int, help="cut descriptions at a word boundary to ≤ N tokens")
     parser.add_argument(
-        "--budget-tokenizer", help="tokenizer (hub id or folder) that measures the budget; default: the model's own"
+        "--token-budget",
+        type=positive_int,
+        help="stop each description once it can't fit in N tokens, then trim it back to its last complete clause "
+        "that fits (special tokens counted)",
+    )
+    parser.add_argument(
+        "--budget-tokenizer",
+        help="what counts the budget: 'clip' (CLIP's tokenizer, shipped: what Stable Diffusion 1.x/2.x's text "
+        "encoder counts, start and end tokens included), a tokenizer folder or hub id; default: the model's own",
     )
     parser.add_argument(
         "--retry-errors",

@@ -14,7 +14,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.suite is None) == (args.task is None):
         raise ConfigError("give either --task (with --data) or --suite shapesworld")
     if args.task and not args.data:
-        raise ConfigError(f"--task {args.task} needs --data FILE.jsonl")
+        raise ConfigError(f"--task {args.task} needs --data (a JSONL file, parquet, or a datasets folder)")
     vlm = load_model(args)
 
     def predictor(conversations):
@@ -31,12 +31,31 @@ def run(args: argparse.Namespace) -> int:
         if args.later_turns:
             raise ConfigError("--later-turns is for --suite shapesworld (a --task file holds single questions)")
         options = {k: v for k, v in (("prompt_suffix", args.prompt_suffix), ("box_format", args.box_format)) if v}
+        options.update(_task_options(args.task_option or []))
         report = evaluate(
             predictor, args.task, args.data, image_root=args.image_root, limit=args.limit,
-            blank_images=args.blank_images, task_options=options, **common,
+            blank_images=args.blank_images, task_options=options, split=args.split, **common,
         )  # fmt: skip
     print(format_table(report))
     return 0
+
+
+def _task_options(pairs: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs; a VALUE that is JSON (``false``, ``3``) is read as JSON, anything else as text."""
+    import json
+
+    from vlmkit.errors import ConfigError
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--task-option takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +63,10 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     add_model_args(parser)
     parser.add_argument("--task", choices=task_names())
-    parser.add_argument("--data", help="evaluation JSONL file")
+    parser.add_argument("--data", help="evaluation data: a JSONL file, a parquet file or folder, or a datasets folder")
+    parser.add_argument("--split", help="the split of a datasets DatasetDict folder or of a hub parquet folder")
+    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE",
+                        help="a task option, e.g. circular=given (mmbench), parse=first_char (seedbench)")  # fmt: skip
     parser.add_argument("--image-root", help="folder that image paths in the data are relative to")
     parser.add_argument("--suite", choices=["shapesworld"], help="every ShapesWorld task on the held-out test split")
     parser.add_argument("--n", type=positive_int, default=500, help="suite: number of test images")

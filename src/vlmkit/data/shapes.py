@@ -8,6 +8,10 @@ Splits are disjoint by construction in two ways: each split has its own seed str
 of every image encodes its split (the channel sum modulo 3), so no image of one split can equal an image of
 another. Bounding boxes are ``(x1, y1, x2, y2)`` integer pixels, ``x1, y1`` inclusive and ``x2, y2``
 exclusive (the box of pixel columns ``x1 .. x2-1``), in the coordinates of the rendered image.
+
+A :class:`Variant` changes only the geometry: ``highres`` draws the same layouts (objects, cells, word) on a
+384-px canvas with objects half as large and words a third of the default size, so a single low-resolution
+view can't read them while tiles at native resolution can (docs/high-resolution.md).
 """
 
 from __future__ import annotations
@@ -87,6 +91,38 @@ Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A family of ShapesWorld scenes: same layouts, different geometry (canvas, object and word sizes)."""
+
+    name: str
+    image_size: int
+    """The default canvas side (``--image-size`` overrides it)."""
+    min_image_size: int
+    word_scale: float
+    """The word is drawn as the default world draws it in a cell this many times the size, centred in its cell
+    (font, fit and jitter all scaled)."""
+    size_fraction: dict[str, tuple[float, float]]
+    """Object extent as a fraction of the cell side, per size."""
+
+
+VARIANTS = {
+    "default": Variant("default", DEFAULT_IMAGE_SIZE, 64, 1.0, SIZE_FRACTION),
+    "highres": Variant("highres", 384, 256, 1 / 3, {"small": (0.225, 0.275), "large": (0.40, 0.45)}),
+}
+"""``default``: the 128-px world. ``highres``: a 384-px canvas, objects half as large, and each word in the
+middle third of its cell, so it has the pixels a default word has at 128 px (a 9-16-px font), about 3 px tall
+once the canvas is shrunk to 96 px, while each tile of a 3×3 cut is one cell with its word as a 96-px tower sees
+a default cell's."""
+
+
+def get_variant(name: str) -> Variant:
+    """The variant called ``name``; raises ConfigError for an unknown one."""
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown ShapesWorld variant {name!r}; expected one of {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+@dataclass(frozen=True)
 class ShapeObject:
     """One object: its attributes, its geometry (supersampled pixels) and its pixel bounding box."""
 
@@ -131,6 +167,7 @@ class Scene:
     background: tuple[int, int, int]
     objects: tuple[ShapeObject, ...]
     word: WordLabel | None
+    variant: str = "default"
 
     @property
     def id(self) -> str:
@@ -146,13 +183,18 @@ class Scene:
         return next((obj for obj in self.objects if obj.colour == colour and obj.shape == shape), None)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready ground truth: objects with shape, colour, size, cell and bbox; the word and its box."""
+        """JSON-ready ground truth: objects with shape, colour, size, cell and bbox; the word and its box.
+
+        ``variant`` is written only when it isn't ``default`` (so default data stays as it always was).
+        """
+        variant = {} if self.variant == "default" else {"variant": self.variant}
         return {
             "id": self.id,
             "split": self.split,
             "seed": self.seed,
             "index": self.index,
             "image_size": self.image_size,
+            **variant,
             "objects": [
                 {"shape": o.shape, "colour": o.colour, "size": o.size, "cell": o.cell, "bbox": list(o.bbox)}
                 for o in self.objects
@@ -262,12 +304,12 @@ def _background(rng: np.random.Generator, split: str) -> tuple[int, int, int]:
 
 
 def _place_object(
-    rng: np.random.Generator, attributes: tuple[str, str, str], cell: int, image_size: int
+    rng: np.random.Generator, attributes: tuple[str, str, str], cell: int, image_size: int, variant: Variant
 ) -> ShapeObject:
     shape, colour, size = attributes
     x0, y0, x1, y1 = cell_bounds(cell, image_size, SUPERSAMPLE)
     side = min(x1 - x0, y1 - y0)
-    low, high = SIZE_FRACTION[size]
+    low, high = variant.size_fraction[size]
     radius = round(side * float(rng.uniform(low, high)) / 2)
     jitter = max(0, min((side - 2 * radius) // 2 - _CELL_MARGIN, int(0.12 * side)))
     dx, dy = (int(v) for v in rng.integers(-jitter, jitter + 1, size=2))
@@ -276,12 +318,16 @@ def _place_object(
     return ShapeObject(shape, colour, size, CELLS[cell], bbox, center, radius)
 
 
-def _place_word(rng: np.random.Generator, free_cells: list[int], image_size: int) -> WordLabel:
+def _place_word(rng: np.random.Generator, free_cells: list[int], image_size: int, variant: Variant) -> WordLabel:
     text = WORDS[int(rng.integers(len(WORDS)))]
     cell = free_cells[int(rng.integers(len(free_cells)))]
     x0, y0, x1, y1 = cell_bounds(cell, image_size, SUPERSAMPLE)
+    if variant.word_scale != 1.0:  # the word's own box: the cell shrunk about its centre
+        half = (x1 - x0) * variant.word_scale / 2
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        x0, y0, x1, y1 = round(cx - half), round(cy - half), round(cx + half), round(cy + half)
     room = (x1 - x0) - 2 * _CELL_MARGIN - 4
-    scale = SUPERSAMPLE * image_size / DEFAULT_IMAGE_SIZE
+    scale = SUPERSAMPLE * image_size / DEFAULT_IMAGE_SIZE * variant.word_scale
     font_size = int(_WORD_FONT_SIZES[-1] * scale)
     for size in _WORD_FONT_SIZES:
         if _font(int(size * scale)).getlength(text) <= room:
@@ -304,17 +350,31 @@ def _ink_box(text: str, font: Any, anchor: tuple[int, int], image_size: int) -> 
     return _pixel_box((left, top, right - 1, bottom - 1), image_size)
 
 
-def sample_scene(split: str, seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE) -> Scene:
-    """Draw the layout and ground truth of scene ``index`` of ``split`` (no rendering). Deterministic."""
-    if image_size < 64:
-        raise ConfigError(f"ShapesWorld images must be at least 64 px, got {image_size}")
+def check_image_size(image_size: int | None, variant: str = "default") -> int:
+    """``image_size`` (None: the variant's canvas) checked against the variant's minimum; ConfigError if too small."""
+    spec = get_variant(variant)
+    size = spec.image_size if image_size is None else image_size
+    if size < spec.min_image_size:
+        what = "ShapesWorld images" if variant == "default" else f"ShapesWorld {variant!r} images"
+        raise ConfigError(f"{what} must be at least {spec.min_image_size} px, got {size}")
+    return int(size)
+
+
+def sample_scene(split: str, seed: int, index: int, image_size: int | None = None, variant: str = "default") -> Scene:
+    """Draw the layout and ground truth of scene ``index`` of ``split`` (no rendering). Deterministic.
+
+    ``image_size`` defaults to the variant's canvas (128 px for ``default``). Every variant draws the same
+    layout for the same ``(split, seed, index)``: background, objects and their cells, the word and its cell.
+    """
+    image_size = check_image_size(image_size, variant)
+    spec = get_variant(variant)
     rng = stream_rng(split, seed, index, stream=1)
     background, cells, attributes = _sample_layout(rng, split)
-    objects = [_place_object(rng, attrs, cell, image_size) for cell, attrs in zip(cells, attributes, strict=True)]
+    objects = [_place_object(rng, attrs, cell, image_size, spec) for cell, attrs in zip(cells, attributes, strict=True)]
     word = None
     if rng.random() < WORD_PROBABILITY:
-        word = _place_word(rng, [c for c in range(9) if c not in cells], image_size)
-    return Scene(split, seed, index, image_size, background, tuple(objects), word)
+        word = _place_word(rng, [c for c in range(9) if c not in cells], image_size, spec)
+    return Scene(split, seed, index, image_size, background, tuple(objects), word, variant)
 
 
 def render_scene(scene: Scene) -> Image.Image:

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 from vlmkit.data.formats import Record, open_writer
 from vlmkit.data.shapes import (
-    DEFAULT_IMAGE_SIZE,
     Scene,
+    check_image_size,
     check_split,
     popularity_ranking,
     render_png,
@@ -46,17 +46,25 @@ EVAL_FILES = ("pope.jsonl", "vqa.jsonl", "grounding.jsonl", "caption.jsonl")
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """What to generate: the split's seed stream, the tasks to draw from and the image size."""
+    """What to generate: the split's seed stream, the tasks to draw from, the variant and the image size.
+
+    Every record's ``meta["truth"]`` holds its split, seed, index, image size and (when not ``default``) variant,
+    so any record can be regenerated exactly.
+    """
 
     split: str = "train"
     seed: int = 0
     tasks: tuple[str, ...] = TASKS
-    image_size: int = DEFAULT_IMAGE_SIZE
+    image_size: int | None = None
+    """Canvas side in pixels; None: the variant's (128 px for ``default``), filled in at construction."""
     turns: tuple[int, int] = MULTITURN_TURNS
     """Fewest and most questions of a ``multiturn`` sample."""
+    variant: str = "default"
+    """The ShapesWorld geometry (:data:`vlmkit.data.shapes.VARIANTS`): ``default`` or ``highres``."""
 
     def __post_init__(self) -> None:
         check_split(self.split)
+        object.__setattr__(self, "image_size", check_image_size(self.image_size, self.variant))
         object.__setattr__(self, "tasks", parse_tasks(self.tasks))
         low, high = self.turns
         if not 1 <= low <= high:
@@ -68,7 +76,7 @@ class SynthConfig:
 
 def make_record(config: SynthConfig, index: int) -> Record:
     """Sample ``index``: the rendered PNG, a conversation of one drawn task, and the ground truth in ``meta``."""
-    scene = sample_scene(config.split, config.seed, index, config.image_size)
+    scene = sample_scene(config.split, config.seed, index, config.image_size, config.variant)
     rng = stream_rng(config.split, config.seed, index, stream=2)
     task = choose_task(rng, config.tasks)
     messages, task_meta = conversation(scene, task, rng, config.tasks, config.turns)
@@ -80,10 +88,12 @@ def _records_chunk(config: SynthConfig, start: int, stop: int) -> list[Record]:
     return [make_record(config, i) for i in range(start, stop)]
 
 
-def _eval_chunk(split: str, seed: int, image_size: int, start: int, stop: int) -> list[tuple[Scene, bytes, list]]:
+def _eval_chunk(
+    split: str, seed: int, image_size: int | None, variant: str, start: int, stop: int
+) -> list[tuple[Scene, bytes, list]]:
     out = []
     for index in range(start, stop):
-        scene = sample_scene(split, seed, index, image_size)
+        scene = sample_scene(split, seed, index, image_size, variant)
         items = eval_items(scene, stream_rng(split, seed, index, stream=3))
         out.append((scene, render_png(scene), items))
     return out
@@ -154,11 +164,15 @@ def write_synthetic(
 
 
 def iter_eval_items(
-    n: int, seed: int = 0, *, image_size: int = DEFAULT_IMAGE_SIZE, workers: int = 1
+    n: int, seed: int = 0, *, image_size: int | None = None, variant: str = "default", workers: int = 1
 ) -> Iterator[tuple[Scene, bytes, list[EvalItem]]]:
-    """For test images ``0 .. n-1``: the scene, its PNG and its evaluation items (see ``tasks.eval_items``)."""
+    """For test images ``0 .. n-1``: the scene, its PNG and its evaluation items (see ``tasks.eval_items``).
+
+    ``image_size`` defaults to the variant's canvas.
+    """
+    check_image_size(image_size, variant)
     popularity_ranking()
-    return parallel_chunks(_eval_chunk, ("test", seed, image_size), 0, n, workers=workers)
+    return parallel_chunks(_eval_chunk, ("test", seed, image_size, variant), 0, n, workers=workers)
 
 
 def _eval_row(item: EvalItem, image: str, size: int) -> tuple[str, dict[str, Any]]:
@@ -185,7 +199,8 @@ def export_eval(
     seed: int = 0,
     *,
     workers: int = 1,
-    image_size: int = DEFAULT_IMAGE_SIZE,
+    image_size: int | None = None,
+    variant: str = "default",
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, int]:
@@ -194,7 +209,8 @@ def export_eval(
     ``images/<id>.png`` plus ``pope.jsonl`` (question_id, image, text, label yes/no, category),
     ``vqa.jsonl`` (question_id, image, question, answers, answer, task), ``grounding.jsonl`` (question_id,
     image, expression, bbox ``[x1, y1, x2, y2]`` pixels) and ``caption.jsonl`` (image, captions). ``image`` is
-    relative to ``out_dir``.
+    relative to ``out_dir``. ``variant`` and ``image_size`` (default: the variant's canvas) as in
+    :class:`SynthConfig`.
     """
     out = Path(out_dir)
     existing = [out / name for name in EVAL_FILES if (out / name).exists()]
@@ -204,7 +220,9 @@ def export_eval(
     counts = dict.fromkeys(EVAL_FILES, 0)
     files = {name: (out / name).open("w", encoding="utf-8") for name in EVAL_FILES}
     try:
-        for scene, png, items in _report(progress, iter_eval_items(n, seed, image_size=image_size, workers=workers)):
+        for scene, png, items in _report(
+            progress, iter_eval_items(n, seed, image_size=image_size, variant=variant, workers=workers)
+        ):
             image = f"images/{scene.id}.png"
             (out / image).write_bytes(png)
             for item in items:

@@ -2,7 +2,9 @@
 
 Sources: POPE parsing and metrics from LLaVA's ``llava/eval/eval_pope.py``; VQA accuracy from the official
 ``vqaEval.py`` (GT-Vision-Lab/VQA); GQA exact match from LLaVA; ANLS from DocVQA; grounding from RefCOCO-style
-evaluation; captions through pycocoevalcap's pure-Python BLEU, ROUGE-L and CIDEr scorers. See
+evaluation; captions through pycocoevalcap's pure-Python BLEU, ROUGE-L and CIDEr scorers; MME from its
+``eval_tool/calculation.py``; MMBench/MMStar choice extraction from VLMEvalKit's ``matching_util.py`` and MMStar's
+``exact_match``; ChartQA's relaxed accuracy from pix2struct's ``metrics.py``. See
 ``docs/evaluation.md`` for every rule in words.
 """
 
@@ -383,10 +385,144 @@ def mcq_accuracy(answers: Sequence[str], targets: Sequence[str], options: int | 
     return sum(mcq_parse(a, options) == t.strip().upper() for a, t in zip(answers, targets, strict=True)) / len(answers)
 
 
+# ------------------------------------------------------------------------------------------------------ MME
+
+
+def mme_parse(answer: str) -> str:
+    """MME's ``eval_tool/calculation.py`` ``parse_pred_ans`` on the lower-cased answer: exactly ``yes`` / ``no``,
+    else ``yes`` if its first 4 characters contain "yes", else ``no`` if they contain "no", else ``other``.
+    (No stripping: " yes" reads yes, "  yes" is other, "Not sure" is no, as in the official tool.)"""
+    text = answer.lower()
+    if text in ("yes", "no"):
+        return text
+    prefix = text[:4]
+    return "yes" if "yes" in prefix else "no" if "no" in prefix else "other"
+
+
+MME_CATEGORIES = {
+    "perception": ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                   "artwork", "OCR"),
+    "cognition": ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"),
+}  # fmt: skip
+"""MME's subtasks per category (``eval_type_dict`` of the official tool)."""
+
+
+def mme_scores(rows: Sequence[tuple[str, str, str, str]]) -> dict[str, object]:
+    """MME's scores from ``(subtask, image, label, prediction)`` rows: per subtask ``acc`` (share of questions
+    right; an ``other`` answer is wrong), ``acc_plus`` (share of images whose questions are all right) and
+    ``score = 100 × (acc + acc_plus)``; ``perception`` and ``cognition`` sum their subtasks' scores (max 2000 and
+    800 with every subtask present); ``total`` is their sum."""
+    by_task: dict[str, dict[str, list[bool]]] = {}
+    others: dict[str, int] = {}
+    for task, image, label, prediction in rows:
+        parsed = mme_parse(prediction)
+        by_task.setdefault(task, {}).setdefault(image, []).append(parsed == _yes_no(label))
+        others[task] = others.get(task, 0) + (parsed == "other")
+    subtasks: dict[str, dict[str, float | int]] = {}
+    for task, images in by_task.items():
+        answers = [right for per_image in images.values() for right in per_image]
+        acc = sum(answers) / len(answers)
+        acc_plus = sum(all(per_image) for per_image in images.values()) / len(images)
+        subtasks[task] = {"acc": acc, "acc_plus": acc_plus, "score": 100 * acc + 100 * acc_plus,
+                          "questions": len(answers), "images": len(images), "other": others[task]}  # fmt: skip
+    out: dict[str, object] = {}
+    for category, names in MME_CATEGORIES.items():
+        out[category] = sum(float(subtasks[n]["score"]) for n in names if n in subtasks)
+    out["total"] = float(out["perception"]) + float(out["cognition"])  # type: ignore[arg-type]
+    known = {n for names in MME_CATEGORIES.values() for n in names}
+    out["unknown_subtasks"] = sorted(set(subtasks) - known)
+    out["subtasks"] = subtasks
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- MMBench / MMStar
+
+
+def can_infer_option(answer: str, choices: dict[str, str]) -> str | None:
+    """VLMEvalKit's ``can_infer_option`` (``vlmeval/utils/matching_util.py``, VERBOSE unset): the option letter
+    standing alone in the answer once ``.()[],:;!*#{}`` are spaces, when exactly one option letter does; ``Z``
+    for a refusal (or a lone "Z" and no letter); None otherwise."""
+    if "Failed to obtain answer via API" in answer:
+        return None
+    refusals = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+                "I'm sorry, but without the image provided", "Cannot determine the answer")  # fmt: skip
+    if any(refusal in answer for refusal in refusals):
+        return "Z"
+    text = answer
+    for char in ".()[],:;!*#{}":
+        text = text.replace(char, " ")
+    splits = [x.strip() for x in text.split()]
+    count = sum(letter in splits for letter in choices)
+    if count == 1:
+        return next(letter for letter in choices if letter in splits)
+    if count == 0 and "Z" in splits:
+        return "Z"
+    return None
+
+
+def can_infer_text(answer: str, choices: dict[str, str]) -> str | None:
+    """VLMEvalKit's ``can_infer_text``: the letter of the only option whose (lower-cased) text is in the
+    (lower-cased) answer."""
+    low = answer.lower()
+    found = [letter for letter, text in choices.items() if str(text).lower() in low]
+    return found[0] if len(found) == 1 else None
+
+
+def can_infer(answer: str, choices: dict[str, str]) -> str | None:
+    """VLMEvalKit's rule-based choice extraction (its ``exact_matching`` path, no LLM judge): the option letter,
+    then the option text; None when neither decides (scored wrong, like VLMEvalKit's 'Z' fallback)."""
+    answer = str(answer)
+    return can_infer_option(answer, choices) or can_infer_text(answer, choices)
+
+
+def mmstar_exact_match(prediction: str, answer: str) -> float:
+    """MMStar's ``exact_match`` (as lmms-eval carries it, "Brought from MMStar"): both lower-cased and stripped,
+    newlines as spaces; right if the answer letter is the first character, or follows "(", "option " or "the
+    answer is " at the start. An empty prediction is wrong."""
+    gt = answer.lower().strip().replace("\n", " ")
+    pred = prediction.lower().strip().replace("\n", " ")
+    try:
+        if gt == pred[0]:
+            return 1.0
+        if pred[0] == "(" and gt == pred[1]:
+            return 1.0
+        if pred[0:7] == "option " and gt == pred[7]:
+            return 1.0
+        if pred[0:14] == "the answer is " and gt == pred[14]:
+            return 1.0
+    except IndexError:
+        return 0.0
+    return 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- ChartQA
+
+
+def _chart_float(text: str) -> float | None:
+    try:
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        return None
+
+
+def relaxed_correctness(target: str, prediction: str, max_relative_change: float = 0.05) -> bool:
+    """pix2struct's ``relaxed_correctness`` (``pix2struct/metrics.py``, the ChartQA metric): numbers (a trailing
+    ``%`` divides by 100) within 5% of a non-zero target, else exact string match ignoring case. No stripping:
+    ``float`` ignores surrounding whitespace, the string comparison does not."""
+    pred, gold = _chart_float(prediction), _chart_float(target)
+    if pred is not None and gold:
+        return abs(pred - gold) / abs(gold) <= max_relative_change
+    return prediction.lower() == target.lower()
+
+
 __all__ = [
     "GROUNDING_THRESHOLDS",
+    "MME_CATEGORIES",
     "anls",
     "binary_metrics",
+    "can_infer",
+    "can_infer_option",
+    "can_infer_text",
     "caption_metrics",
     "caption_tokenize",
     "gqa_exact_match",
@@ -395,9 +531,13 @@ __all__ = [
     "levenshtein",
     "mcq_accuracy",
     "mcq_parse",
+    "mme_parse",
+    "mme_scores",
+    "mmstar_exact_match",
     "parse_box",
     "pope_metrics",
     "pope_parse",
+    "relaxed_correctness",
     "rouge_l",
     "vqa_accuracy",
     "vqa_normalize_answer",

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from vlmkit import jsonl
 from vlmkit.errors import ConfigError, DataError, VlmkitError
+from vlmkit.evaluation.sources import describe_source, iter_rows, source_digest
 from vlmkit.evaluation.tasks import EvalSample, Task, get_task
 
 logger = logging.getLogger(__name__)
@@ -45,37 +46,34 @@ def file_sha256(path: str | Path) -> str:
 
 
 def load_samples(
-    task: Task, data_path: str | Path, image_root: str | Path | None = None, limit: int | None = None
+    task: Task,
+    data_path: str | Path,
+    image_root: str | Path | None = None,
+    limit: int | None = None,
+    split: str | None = None,
 ) -> list[EvalSample]:
-    """Read and validate the first ``limit`` rows of a JSONL file as ``task`` samples.
+    """Read and validate the first ``limit`` rows of a source as ``task`` samples (a task may make several
+    samples of one row: MMBench's CircularEval).
 
-    Relative image paths resolve against ``image_root`` (default: the data file's folder). Errors name the file
-    and line; duplicate ids are refused.
+    Sources (:func:`~vlmkit.evaluation.sources.iter_rows`): a JSONL file, a parquet file or folder, a datasets
+    folder (``split`` for a DatasetDict or the hub's parquet splits). Each row gets ``_index``, its position,
+    for data without ids. Relative image paths resolve against ``image_root`` (default: the data file's folder,
+    or the data folder). Errors name the file and line (or row); duplicate ids are refused.
     """
     path = Path(data_path)
-    if not path.is_file():
-        raise DataError(f"evaluation data {path} not found")
-    root = Path(image_root) if image_root is not None else path.parent
+    root = Path(image_root) if image_root is not None else (path if path.is_dir() else path.parent)
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for where, row in iter_rows(path, split):
+        if limit is not None and len(rows) >= limit:
+            break
+        rows.append((where, {**row, "_index": len(rows)}))
     samples: list[EvalSample] = []
     seen: dict[str, str] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(samples) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            sample = task.read(row, where, root)
-            if sample.id in seen:
-                raise DataError(f"{where}: duplicate id {sample.id!r} (first at {seen[sample.id]})")
-            seen[sample.id] = where
-            samples.append(sample)
+    for sample in task.read_rows(rows, root):
+        if sample.id in seen:
+            raise DataError(f"{sample.where}: duplicate id {sample.id!r} (first at {seen[sample.id]})")
+        seen[sample.id] = sample.where
+        samples.append(sample)
     return samples
 
 
@@ -250,8 +248,10 @@ def evaluate(
     blank_images: bool = False,
     progress: bool = True,
     task_options: dict[str, Any] | None = None,
+    split: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``predictor`` on a JSONL data file; returns the report (also written to ``out_dir``).
+    """Evaluate ``predictor`` on a data source (JSONL, parquet, a datasets folder: :func:`load_samples`);
+    returns the report (also written to ``out_dir``).
 
     ``task`` is a registered name (see :func:`~vlmkit.evaluation.tasks.get_task`, built with ``task_options``)
     or a Task. With ``out_dir``, predictions go to ``predictions.jsonl`` batch by batch and a rerun resumes
@@ -261,9 +261,9 @@ def evaluate(
     if limit is not None and limit < 0:
         raise ConfigError(f"limit must be non-negative, got {limit}")
     task_obj = task if isinstance(task, Task) else get_task(task, **(task_options or {}))
-    samples = load_samples(task_obj, data_path, image_root, limit)
-    digest = file_sha256(data_path)
-    run_info = {"model": model_name, "data": str(data_path), "data_sha256": digest}
+    samples = load_samples(task_obj, data_path, image_root, limit, split)
+    digest = source_digest(data_path, split)
+    run_info = {"model": model_name, "data": describe_source(data_path, split), "data_sha256": digest}
     core = run_samples(
         predictor,
         task_obj,

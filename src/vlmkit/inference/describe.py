@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
+import os  # noqa: F401  (tests patch describe.os.replace, which jsonl.rewrite uses)
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +15,10 @@ from transformers import PreTrainedTokenizerBase
 
 from vlmkit import jsonl
 from vlmkit.errors import ConfigError, VlmkitError
+from vlmkit.inference.budget import BudgetCounter, fit_words, trim_to_clause
 from vlmkit.inference.options import GenerationOptions
+from vlmkit.processing.conversation import prompt_conversation
+from vlmkit.processing.image_files import IMAGE_EXTENSIONS, collect_images, collect_keyed, image_key, safe_text
 from vlmkit.processing.images import load_image
 
 if TYPE_CHECKING:
@@ -24,54 +26,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_PROMPT = "Describe the image."
+_collect = collect_keyed
 
-
-def safe_text(text: str) -> str:
-    """``text`` as valid UTF-8: each byte of a file name that did not decode (a surrogate escape, as ``os.listdir``
-    gives for a name that is not UTF-8) becomes the four characters ``\\xNN``; other text is unchanged."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def image_key(path: str | Path) -> str:
-    """The resume key of an image: its resolved absolute path (symlinks followed), written with :func:`safe_text`.
-
-    However a path is spelled (absolute, relative to any folder, through a symlink), the key is the same.
-    """
-    return safe_text(str(Path(path).expanduser().resolve()))
-
-
-def _collect(paths: Sequence[str | Path]) -> dict[str, Path]:
-    """Resume key → the path as found (as given, or under a given folder), sorted by the path as found."""
-    found: dict[str, Path] = {}
-    for raw in paths:
-        text = str(raw)
-        path = Path(text).expanduser()
-        if path.is_file():
-            matches = [path]
-        elif path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        elif glob.has_magic(text):
-            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True) if Path(p).is_file())
-            if not matches:
-                raise ConfigError(f"{safe_text(text)}: the pattern matches no file")
-        else:
-            raise ConfigError(f"{safe_text(text)}: no such file or folder")
-        for match in matches:
-            found.setdefault(image_key(match), match)
-    return dict(sorted(found.items(), key=lambda item: str(item[1])))
-
-
-def collect_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Files, folders (recursive, by image extension) and globs → sorted unique paths (unique by resolved path).
-
-    A path that is neither an existing file or folder nor a glob matching something is an error.
-    """
-    return list(_collect(paths).values())
+__all__ = ["IMAGE_EXTENSIONS", "DescribeSummary", "collect_images", "describe", "fit_to_budget", "image_key",
+           "read_done", "safe_text"]  # fmt: skip
 
 
 @dataclass
@@ -133,21 +92,8 @@ def _compact(out: Path) -> int:
 
 def fit_to_budget(text: str, tokenizer: PreTrainedTokenizerBase, budget: int) -> str:
     """The longest word-boundary prefix of ``text`` whose token count (special tokens included) is ≤ budget."""
-
-    def count(candidate: str) -> int:
-        return len(tokenizer(candidate)["input_ids"])
-
-    if count(text) <= budget:
-        return text
-    words = text.split()
-    low, high = 0, len(words)  # words[:low] fits; words[:high+1] doesn't
-    while low < high:
-        mid = (low + high + 1) // 2
-        if count(" ".join(words[:mid])) <= budget:
-            low = mid
-        else:
-            high = mid - 1
-    return " ".join(words[:low]).rstrip(",;:-")
+    counter = BudgetCounter(tokenizer, budget)
+    return text if counter.fits(text) else fit_words(text, counter)
 
 
 @dataclass
@@ -183,6 +129,55 @@ def _generate_each(vlm: VLM, convs: list, options: GenerationOptions) -> list[An
     return results
 
 
+@dataclass
+class _Generated:
+    text: str
+    complete: bool
+    """The model ended the text itself (not stopped at the budget nor at ``max_new_tokens``)."""
+
+
+def _generate_within_budget(vlm: VLM, convs: list, options: GenerationOptions, counter: BudgetCounter) -> list[Any]:
+    """One :class:`_Generated` (or exception) per conversation, generated together through the backend's running
+    batch; a row is cancelled as soon as its complete words pass the budget (:meth:`BudgetCounter.exhausted`).
+    When the batch itself fails, each conversation is generated alone, so a failure is only its own image's."""
+    engine = vlm.engine
+    results: list[Any] = [None] * len(convs)
+    texts: dict[int, str] = {}
+    try:
+        items = []
+        for i, conv in enumerate(convs):
+            try:
+                items.append((i, engine.encode(conv, name=f"image {i}"), options))
+                texts[i] = ""
+            except Exception as exc:  # this image's own failure
+                results[i] = exc
+        batch = engine.new_batch()
+        events = batch.add(items) if items else []
+        while True:
+            for event in events:
+                i = int(event.index)  # type: ignore[call-overload]
+                if results[i] is not None:
+                    continue
+                if event.error is not None:
+                    results[i] = event.error
+                    continue
+                texts[i] += event.text
+                if event.result is not None:
+                    results[i] = _Generated(event.result.text, event.result.finish_reason == "stop")
+                elif counter.exhausted(texts[i].strip()):
+                    results[i] = _Generated(texts[i], False)
+                    batch.cancel({i})
+            if not len(batch):
+                break
+            events = batch.step()
+    except Exception as exc:
+        if len(convs) == 1:
+            return [exc]
+        log.warning("a batch of %d images failed (%s); describing them one by one", len(convs), exc)
+        return [_generate_within_budget(vlm, [conv], options, counter)[0] for conv in convs]
+    return results
+
+
 def _batches(items: list[tuple[str, Path]], size: int) -> Iterator[list[tuple[str, Path]]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -210,16 +205,19 @@ def describe(
     image is recorded with its error and the run goes on; rerunning keeps its error row unless ``retry_errors``,
     which describes it again: the new row is appended (an image's last row is the one that counts), then the
     file is rewritten atomically with one row per image, each in the place of the image's first row.
-    ``tokens`` counts the text's tokens with ``budget_tokenizer`` (default: the model's own).
+    ``tokens`` counts the text's tokens with ``budget_tokenizer`` (default: the model's own), special tokens
+    included. With ``token_budget``, generation stops once a text can no longer fit, and the text is trimmed back
+    to its last complete clause that fits (:func:`vlmkit.inference.budget.trim_to_clause`); rows then also have
+    ``cut``: None (the model's whole text fits), ``"clause"``, or ``"word"`` (not even the first clause fits:
+    the longest word-boundary prefix that does).
     """
     if not prompt or not prompt.strip():
         raise ConfigError("the prompt is empty")
     if batch_size <= 0:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
-    if token_budget is not None and token_budget <= 2:
-        raise ConfigError(f"token budget must be more than 2 tokens, got {token_budget}")
     options = GenerationOptions(max_new_tokens=max_new_tokens)
-    counter = budget_tokenizer or vlm.processor.tokenizer
+    tokenizer = budget_tokenizer or vlm.processor.tokenizer
+    budget = BudgetCounter(tokenizer, token_budget) if token_budget is not None else None
     images = _collect(paths)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,24 +236,31 @@ def describe(
             records: list[dict[str, Any]] = []
             convs, slots = [], []
             for key, path in batch:
-                record = {"image": safe_text(str(path)), "text": None, "tokens": 0, "error": None, "path": key}
+                record: dict[str, Any] = {"image": safe_text(str(path)), "text": None, "tokens": 0, "error": None,
+                                          "path": key}  # fmt: skip
+                if budget is not None:
+                    record["cut"] = None
                 try:
                     image = load_image(path, max_pixels=vlm.processor.max_pixels)
-                    convs.append(vlm._conversation(prompt, [image]))
+                    convs.append(prompt_conversation(prompt, [image]).to_messages())
                     slots.append(len(records))
                 except VlmkitError as exc:
                     record["error"] = safe_text(str(exc))
                 records.append(record)
             if convs:
-                for slot, result in zip(slots, _generate_each(vlm, convs, options), strict=True):
+                if budget is None:
+                    generated = _generate_each(vlm, convs, options)
+                else:
+                    generated = _generate_within_budget(vlm, convs, options, budget)
+                for slot, result in zip(slots, generated, strict=True):
                     if isinstance(result, Exception):
                         records[slot]["error"] = safe_text(f"generation failed: {result}")
                         continue
                     text = safe_text(result.text.strip())
-                    if token_budget is not None:
-                        text = fit_to_budget(text, counter, token_budget)
+                    if budget is not None:
+                        text, records[slot]["cut"] = trim_to_clause(text, budget, complete=result.complete)
                     records[slot]["text"] = text
-                    records[slot]["tokens"] = len(counter(text)["input_ids"])
+                    records[slot]["tokens"] = len(tokenizer(text, verbose=False)["input_ids"])
             for record in records:
                 summary.errors += record["error"] is not None
                 summary.described += record["error"] is None

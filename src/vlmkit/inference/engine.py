@@ -51,27 +51,53 @@ class Engine:
         self.stop_ids = set(processor.stop_token_ids) | set(token_ids(getattr(generation, "eos_token_id", None)))
 
     # -- encoding -------------------------------------------------------------------------------------------
-    def encode(self, conversation: Conversation, name: str = "request") -> EncodedSample:
-        """Encode a prompt and check it fits the context (with room for at least one new token)."""
+    def encode(
+        self,
+        conversation: Conversation,
+        name: str = "request",
+        *,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
+    ) -> EncodedSample:
+        """Encode a prompt and check it fits the context (with room for at least one new token).
+
+        ``continue_final_message``: the conversation ends with the start of the assistant's answer, which the
+        model continues (no end of turn after it). ``chat_template``: a Jinja template used instead of the
+        tokenizer's (its end-of-turn token also stops this prompt's answers)."""
         check_text_fits(conversation, self.context_length, self.processor.tokenizer, name)
-        encoded = self.processor.encode(conversation, name=name)
-        if len(encoded.input_ids) >= self.context_length:
+        encoded = self.processor.encode(
+            conversation, name=name, continue_final_message=continue_final_message, chat_template=chat_template
+        )
+        self._check_length(len(encoded.input_ids), name)
+        return encoded
+
+    def encode_prompt(self, text: str, name: str = "request") -> EncodedSample:
+        """A raw text prompt (no chat template, as OpenAI's legacy completions), tokenized with the tokenizer's
+        special tokens (BOS); special-token strings in it are the tokens themselves, but never image markers."""
+        ids = encode_raw_prompt(self.processor.tokenizer, text, {self.processor.image_token_id}, name)
+        self._check_length(len(ids), name)
+        return EncodedSample(ids, None, None, [])
+
+    def _check_length(self, tokens: int, name: str) -> None:
+        if tokens >= self.context_length:
             raise ProcessingError(
-                f"{name}: the prompt has {len(encoded.input_ids)} tokens (images included) but the model's context "
+                f"{name}: the prompt has {tokens} tokens (images included) but the model's context "
                 f"is {self.context_length} tokens; shorten the conversation or use fewer images"
             )
-        return encoded
 
     # -- generation -----------------------------------------------------------------------------------------
     def generate(
-        self, conversations: Sequence[Conversation], options: GenerationOptions | Sequence[GenerationOptions]
+        self,
+        conversations: Sequence[Conversation | EncodedSample],
+        options: GenerationOptions | Sequence[GenerationOptions],
     ) -> list[GenerationResult]:
-        """Generate one answer per conversation, all in one batch."""
-        results: list[GenerationResult | None] = [None] * len(conversations)
+        """Generate ``n`` answers per conversation (options' ``n``, 1 by default), all in one batch: the results
+        of conversation 0 (choices 0 .. n-1), then of conversation 1, ... (transformers' ``generate`` order)."""
+        results: dict[tuple[Hashable, int], GenerationResult] = {}
         for event in self.stream_batch(conversations, options, stream=False):
             if event.result is not None:
-                results[event.index] = event.result  # type: ignore[call-overload]
-        return results  # type: ignore[return-value]
+                results[(event.index, event.choice)] = event.result
+        return [results[key] for key in choice_keys(len(conversations), options)]
 
     def stream_batch(
         self,
@@ -87,6 +113,8 @@ class Engine:
             return
         if isinstance(options, GenerationOptions):
             options = [options] * len(conversations)
+        if len(options) != len(conversations):
+            raise ProcessingError(f"{len(conversations)} conversations but {len(options)} sets of options")
         encoded = [
             c if isinstance(c, EncodedSample) else self.encode(c, name=f"conversation {i}")
             for i, c in enumerate(conversations)
@@ -94,10 +122,13 @@ class Engine:
         with torch.inference_mode():
             yield from self._run(encoded, list(options), stream)
 
-    def _new_row(self, key: Hashable, sample: EncodedSample, options: GenerationOptions, stream: bool) -> RowState:
+    def _new_row(
+        self, key: Hashable, sample: EncodedSample, options: GenerationOptions, stream: bool, choice: int = 0
+    ) -> RowState:
         return RowState.create(
             key, sample.input_ids, options, tokenizer=self.processor.tokenizer, vocab_size=self.vocab_size,
             context_length=self.context_length, skip_ids=(self.processor.image_token_id,), stream=stream,
+            choice=choice, stop_ids=self.stop_ids, extra_stop_ids=sample.stop_ids,
         )  # fmt: skip
 
     def new_batch(self) -> DecodeBatch:
@@ -116,6 +147,23 @@ class Engine:
                 if event.error is not None:
                     raise event.error
                 yield event
+
+
+def choice_keys(count: int, options: GenerationOptions | Sequence[GenerationOptions]) -> list[tuple[int, int]]:
+    """``(conversation, choice)`` of every answer of a batch, in result order."""
+    per_row = [options] * count if isinstance(options, GenerationOptions) else list(options)
+    return [(i, choice) for i, opts in enumerate(per_row) for choice in range(opts.n)]
+
+
+def encode_raw_prompt(tokenizer: Any, text: str, forbidden: set[int], name: str = "request") -> list[int]:
+    """Token ids of a raw prompt (special tokens added as the tokenizer does, e.g. BOS); image placeholders
+    (``forbidden``) are refused, since a raw prompt carries no image."""
+    if not isinstance(text, str) or not text:
+        raise ProcessingError(f"{name}: the prompt is empty")
+    ids = [int(t) for t in tokenizer(text)["input_ids"]]
+    if forbidden & set(ids):
+        raise ProcessingError(f"{name}: the prompt holds the image placeholder token; a text prompt has no image")
+    return ids
 
 
 class DecodeBatch:
@@ -148,38 +196,38 @@ class DecodeBatch:
 
         A request that fails on its own (its options, or a prefill that fails for it alone) does not join;
         its error event is returned, and the other requests join. ``stream=False``: text is decoded once at
-        the end instead of piece by piece.
+        the end instead of piece by piece. A request with ``n`` > 1 is prefilled once and its KV cache row
+        copied to its ``n`` rows (each with its own seed).
         """
         failed: list[StreamEvent] = []
-        good: list[tuple[EncodedSample, RowState]] = []
+        good: list[tuple[EncodedSample, list[RowState]]] = []
         for key, sample, opts in items:
-            row = None
             try:
-                row = self.engine._new_row(key, sample, opts, stream)
+                rows = [self.engine._new_row(key, sample, opts, stream, choice) for choice in range(opts.n)]
             except Exception as exc:  # one request's bad state fails that request only
                 log.warning("request %s refused before prefill: %s", key, exc)
                 failed.append(StreamEvent(key, "", error=exc))
-            if row is not None:
-                good.append((sample, row))
+            else:
+                good.append((sample, rows))
         if not good:
             return failed
         try:
             self._prefill(good)
         except Exception as exc:
             if len(good) == 1:
-                log.exception("prefill failed for request %s", good[0][1].key)
-                return [*failed, good[0][1].fail(exc)]
+                log.exception("prefill failed for request %s", good[0][1][0].key)
+                return [*failed, good[0][1][0].fail(exc)]
             # find the request that fails: each one alone (the others' prefill is then correct as it is)
             log.warning("batched prefill failed (%s); prefilling its %d requests one by one", exc, len(good))
-            for sample, row in good:
+            for sample, rows in good:
                 try:
-                    self._prefill([(sample, row)])
+                    self._prefill([(sample, rows)])
                 except Exception as alone:
-                    log.exception("prefill failed for request %s", row.key)
-                    failed.append(row.fail(alone))
+                    log.exception("prefill failed for request %s", rows[0].key)
+                    failed.append(rows[0].fail(alone))
         return failed
 
-    def _prefill(self, items: list[tuple[EncodedSample, RowState]]) -> None:
+    def _prefill(self, items: list[tuple[EncodedSample, list[RowState]]]) -> None:
         engine, model = self.engine, self.engine.model
         device = model.device
         batch = engine.processor.collate([sample for sample, _ in items], padding_side="left")
@@ -197,7 +245,13 @@ class DecodeBatch:
             logits_to_keep=1,
         )
         logits = out.logits[:, -1]
-        rows = [row for _, row in items]
+        counts = [len(rows) for _, rows in items]
+        if any(count != 1 for count in counts):  # n > 1: the prompt's cache row, once per answer
+            index = torch.repeat_interleave(torch.arange(len(items), device=mask.device),
+                                            torch.tensor(counts, device=mask.device))  # fmt: skip
+            kv_cache.select_rows(cache, index)
+            mask, logits, positions = mask[index], logits[index], positions[index]
+        rows = [row for _, group in items for row in group]
         if self.cache is None or not self.rows:
             self.cache, self.mask, self.logits = cache, mask, logits
             self.next_pos = positions[:, -1] + 1
@@ -235,6 +289,8 @@ class DecodeBatch:
         # one argmax for all plain greedy rows; sampled or penalised rows choose one by one
         argmax = self.logits.argmax(-1).tolist()  # type: ignore[union-attr]
         for r, row in enumerate(self.rows):
+            if row.wants_logprobs:
+                row.observe(self.logits[r])  # type: ignore[index]
             if row.plain:
                 token = argmax[r]
             else:

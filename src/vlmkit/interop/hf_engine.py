@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from vlmkit.errors import ProcessingError
-from vlmkit.inference.engine import Conversation, token_ids
+from vlmkit.inference.engine import Conversation, choice_keys, encode_raw_prompt, token_ids
 from vlmkit.inference.options import GenerationOptions, GenerationResult
 from vlmkit.inference.rows import RowState, StreamEvent
 from vlmkit.interop.hf_processor import HFProcessor
@@ -35,6 +35,12 @@ from vlmkit.processing.limits import check_text_fits
 log = logging.getLogger(__name__)
 
 _END = object()
+
+Render = tuple[str, str | None, bool]
+"""How a prompt was made: ``("chat", chat_template or None, continue_final_message)`` or ``("raw", None, False)``
+(a text prompt, no template). One ``generate`` call takes prompts of one kind only."""
+CHAT: Render = ("chat", None, False)
+RAW: Render = ("raw", None, False)
 
 
 @dataclass
@@ -48,6 +54,9 @@ class HFEncoded:
     conversation: list[dict[str, Any]]
     input_ids: list[int]
     image_token_counts: list[int]
+    render: Render = CHAT
+    text: str | None = None
+    """The raw prompt (``render`` is :data:`RAW`)."""
 
 
 class _Rows(StoppingCriteria):
@@ -89,6 +98,8 @@ class _ChooseTokens(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for r, row in enumerate(self.rows):
+            if not row.done and row.wants_logprobs:
+                row.observe(scores[r])
             if not row.done and not row.plain:
                 try:
                     token = row.choose(scores[r])
@@ -188,6 +199,11 @@ def _runs(ids: list[int], placeholders: set[int]) -> list[int]:
 Item = tuple[Hashable, Conversation | HFEncoded, GenerationOptions]
 
 
+def render_of(prompt: Any) -> Render:
+    """How ``prompt`` (an :class:`HFEncoded` or a conversation) becomes model inputs."""
+    return prompt.render if isinstance(prompt, HFEncoded) else CHAT
+
+
 class HFEngine:
     """Batched generation for a transformers VLM and its :class:`~vlmkit.interop.hf_processor.HFProcessor`.
 
@@ -224,11 +240,27 @@ class HFEngine:
                 f"{self.context_length} tokens; shorten the conversation or use fewer or smaller images"
             )
 
-    def encode(self, conversation: Conversation, name: str = "request") -> HFEncoded:
-        """Check a conversation (images, template, context length) and keep it ready for a batch."""
+    def encode(
+        self,
+        conversation: Conversation,
+        name: str = "request",
+        *,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
+    ) -> HFEncoded:
+        """Check a conversation (images, template, context length) and keep it ready for a batch.
+
+        ``continue_final_message`` and ``chat_template`` as :meth:`Engine.encode` (the stop tokens stay the
+        model's generation config's)."""
         check_text_fits(conversation, self.context_length, self.processor.tokenizer, name)
         messages = self.processor.conversation(conversation, name=name)
-        batch = self.processor.prepare([messages])
+        if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
+            raise ProcessingError(
+                f"{name}: continue_final_message continues the last message, which must be the assistant's"
+            )
+        render: Render = ("chat", chat_template, bool(continue_final_message))
+        batch = self.processor.prepare([messages], chat_template=chat_template,
+                                       continue_final_message=continue_final_message)  # fmt: skip
         ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
         self._check_length(len(ids), name)
         runs = _runs(ids, self.placeholder_ids)
@@ -238,28 +270,50 @@ class HFEngine:
                 f"{name}: its images make {sum(runs)} image tokens, over the budget of {budget}; send fewer or "
                 "smaller images"
             )
-        return HFEncoded(messages, ids, runs)
+        return HFEncoded(messages, ids, runs, render)
 
-    def _new_row(self, key: Hashable, prompt: list[int], options: GenerationOptions) -> RowState:
+    def encode_prompt(self, text: str, name: str = "request") -> HFEncoded:
+        """A raw text prompt, as :meth:`Engine.encode_prompt`."""
+        ids = encode_raw_prompt(self.processor.tokenizer, text, self.placeholder_ids, name)
+        self._check_length(len(ids), name)
+        return HFEncoded([], ids, [], RAW, text)
+
+    def _new_row(self, key: Hashable, prompt: list[int], options: GenerationOptions, choice: int = 0) -> RowState:
         self._check_length(len(prompt), f"conversation {key}")
         return RowState.create(
             key, prompt, options, tokenizer=self.processor.tokenizer, vocab_size=self.vocab_size,
-            context_length=self.context_length, skip_ids=self.placeholder_ids,
+            context_length=self.context_length, skip_ids=self.placeholder_ids, choice=choice,
+            stop_ids=self.stop_ids,
         )  # fmt: skip
 
     def _generation(self, items: Sequence[Item]) -> tuple[_Generation | None, list[StreamEvent]]:
-        """The generation for ``items``, and the error events of those refused on their own (bad options)."""
+        """The generation for ``items``, and the error events of those refused on their own (bad options).
+
+        A request with ``n`` > 1 takes ``n`` rows of the batch (its prompt prepared ``n`` times)."""
         items, failed = self._checked(items)
         if not items:
             return None, failed
-        messages = [
-            c.conversation if isinstance(c, HFEncoded) else self.processor.conversation(c, name=f"conversation {k}")
-            for k, c, _ in items
-        ]
-        batch = self.processor.prepare(messages)
+        renders = {render_of(c) for _, c, _ in items}
+        if len(renders) > 1:
+            raise ProcessingError("one batch mixes prompts made with different chat templates or settings")
+        render = renders.pop()
+        copies = [(key, c, opts) for key, c, opts in items for _ in range(opts.n)]
+        if render == RAW:
+            texts = [c.text for _, c, _ in copies]  # type: ignore[union-attr]
+            encoded = self.processor.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+            batch = BatchFeature(dict(encoded))
+        else:
+            messages = [
+                c.conversation if isinstance(c, HFEncoded) else self.processor.conversation(c, name=f"conversation {k}")
+                for k, c, _ in copies
+            ]
+            batch = self.processor.prepare(messages, chat_template=render[1], continue_final_message=render[2])
         masks = batch["attention_mask"].bool()
         prompts = [ids[mask].tolist() for ids, mask in zip(batch["input_ids"], masks, strict=True)]
-        rows = [self._new_row(key, prompt, opts) for (key, _, opts), prompt in zip(items, prompts, strict=True)]
+        rows: list[RowState] = []
+        for (key, _, opts), prompt in zip(copies, prompts, strict=True):
+            choice = sum(row.key == key for row in rows)
+            rows.append(self._new_row(key, prompt, opts, choice))
         return _Generation(self, batch, rows), failed
 
     def _checked(self, items: Sequence[Item]) -> tuple[list[Item], list[StreamEvent]]:
@@ -297,7 +351,7 @@ class HFEngine:
         conversations: Sequence[Conversation | HFEncoded],
         options: GenerationOptions | Sequence[GenerationOptions],
     ) -> list[GenerationResult]:
-        """Generate one answer per conversation, all in one batch."""
+        """Generate ``n`` answers per conversation, all in one batch, in :meth:`Engine.generate`'s order."""
         if not conversations:
             return []
         generation, failed = self._generation(self._items(conversations, options))
@@ -308,7 +362,8 @@ class HFEngine:
         for row in generation.rows:
             if row.error is not None:
                 raise row.error
-        return [row.result for row in generation.rows]  # type: ignore[misc]
+        found = {(row.key, row.choice): row.result for row in generation.rows}
+        return [found[key] for key in choice_keys(len(conversations), options)]  # type: ignore[misc]
 
     def stream_batch(
         self,
@@ -351,7 +406,8 @@ class HFDecodeBatch:
     def __init__(self, engine: HFEngine) -> None:
         self.engine = engine
         self._waiting: list[Item] = []
-        self._live: set[Hashable] = set()
+        self._live: dict[Hashable, int] = {}
+        """Requests of the running generation and how many of their answers are still running."""
         self._generation: _Generation | None = None
 
     def __len__(self) -> int:
@@ -362,10 +418,17 @@ class HFDecodeBatch:
         return [key for key, _, _ in self._waiting] + list(self._live)
 
     def _begin(self, items: list[Item]) -> list[StreamEvent]:
-        generation, failed = self.engine._generation(items)
+        """Start the items made like the first one (same chat template settings); the others wait."""
+        render = render_of(items[0][1])
+        now = [item for item in items if render_of(item[1]) == render]
+        self._waiting = [item for item in items if render_of(item[1]) != render] + self._waiting
+        generation, failed = self.engine._generation(now)
         if generation is not None:
             generation.start()
-            self._generation, self._live = generation, {row.key for row in generation.rows}
+            self._generation = generation
+            self._live = {}
+            for row in generation.rows:
+                self._live[row.key] = self._live.get(row.key, 0) + 1
         return failed
 
     def add(self, items: Sequence[Item]) -> list[StreamEvent]:
@@ -381,17 +444,25 @@ class HFDecodeBatch:
         """Drop requests without emitting anything for them."""
         self._waiting = [item for item in self._waiting if item[0] not in keys]
         if self._generation is not None:
-            self._generation.tracker.cancel(keys & self._live)
-        self._live -= keys
+            self._generation.tracker.cancel(keys & self._live.keys())
+        for key in keys:
+            self._live.pop(key, None)
 
     def step(self) -> list[StreamEvent]:
         """The running batch's next text pieces and results; starts the waiting requests once it has ended."""
         events: list[StreamEvent] = []
         if self._generation is not None and not self._generation.finished:
             events = [e for e in self._generation.events() if e.index in self._live]
-            self._live -= {e.index for e in events if e.result is not None or e.error is not None}
+            for event in events:
+                if event.error is not None:  # the request failed: its other answers stop too
+                    self._generation.tracker.cancel({event.index})
+                    self._live.pop(event.index, None)
+                elif event.result is not None and event.index in self._live:
+                    self._live[event.index] -= 1
+                    if not self._live[event.index]:
+                        del self._live[event.index]
         if self._generation is not None and self._generation.finished:
-            self._generation, self._live = None, set()
+            self._generation, self._live = None, {}
         if self._generation is None and self._waiting:
             waiting, self._waiting = self._waiting, []
             try:

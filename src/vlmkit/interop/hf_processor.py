@@ -110,12 +110,21 @@ class HFProcessor:
             max_pixels=self.max_pixels, access=self.image_access, check_text=self._plain, name=name
         )
 
-    def prepare(self, conversations: Sequence[list[dict[str, Any]]]) -> BatchFeature:
-        """Normalised conversations → one left-padded batch of model inputs, via the model's chat template."""
+    def prepare(
+        self,
+        conversations: Sequence[list[dict[str, Any]]],
+        *,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+    ) -> BatchFeature:
+        """Normalised conversations → one left-padded batch of model inputs, via the model's chat template (or
+        ``chat_template``); ``continue_final_message`` leaves the last (assistant) message open."""
         try:
             return self.processor.apply_chat_template(
                 list(conversations),
-                add_generation_prompt=True,
+                chat_template=chat_template,
+                add_generation_prompt=not continue_final_message,
+                continue_final_message=continue_final_message,
                 tokenize=True,
                 return_dict=True,
                 return_tensors="pt",

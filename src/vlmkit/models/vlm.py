@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -380,14 +381,24 @@ class VisionLanguageModel(nn.Module):
         return folder
 
     def load_projector(self, folder: str | Path) -> None:
-        """Replace this model's projector with a saved one; its dimensions must match tower and LM."""
+        """Replace this model's projector with a saved one (a ``save_projector`` folder, or LLaVA's
+        ``mm_projector.bin``: :mod:`vlmkit.interop.llava_projector`); its dimensions must match tower and LM."""
         folder = Path(folder)
         meta_path, weights = folder / PROJECTOR_CONFIG, folder / PROJECTOR_WEIGHTS
         if not meta_path.is_file() or not weights.is_file():
-            raise CheckpointError(
-                f"{folder}: not a projector checkpoint (needs {PROJECTOR_CONFIG} and {PROJECTOR_WEIGHTS})"
-            )
-        meta = json.loads(meta_path.read_text())
+            from vlmkit.interop.llava_projector import find_mm_projector, read_mm_projector
+
+            found = find_mm_projector(folder)
+            if found is None:
+                raise CheckpointError(
+                    f"{folder}: not a projector checkpoint (needs {PROJECTOR_CONFIG} and {PROJECTOR_WEIGHTS}, "
+                    "or LLaVA's mm_projector.bin)"
+                )
+            self._use_projector(*read_mm_projector(found), found)
+            return
+        self._use_projector(json.loads(meta_path.read_text()), load_file(str(weights)), folder)
+
+    def _use_projector(self, meta: dict[str, Any], state: dict[str, torch.Tensor], folder: Path) -> None:
         want_in, want_out = self._projector_dims()
         if (meta["in_features"], meta["out_features"]) != (want_in, want_out):
             raise ConfigError(
@@ -400,7 +411,6 @@ class VisionLanguageModel(nn.Module):
                 f"projector in {folder} was trained with {views!r} image views, but this model uses "
                 f"{self.config.views.name!r}"
             )
-        state = load_file(str(weights))
         own = {k[len(VIEWS_PREFIX) :]: v for k, v in state.items() if k.startswith(VIEWS_PREFIX)}
         projector = build_projector(meta["name"], want_in, want_out)
         projector.load_state_dict({k: v for k, v in state.items() if not k.startswith(VIEWS_PREFIX)}, strict=True)

@@ -96,19 +96,43 @@ class ChatEncoder:
         )
         """Special tokens (turn markers, EOS, ...) that text in messages must not produce."""
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def render(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool, continue_final_message: bool = False
+    ) -> str:
         return self.tokenizer.apply_chat_template(  # type: ignore[return-value]  # tokenize=False gives a str
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )  # fmt: skip
 
-    def encode(self, messages: list[dict[str, str]], *, train: bool, name: str = "sample") -> EncodedChat:
+    def encode(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        train: bool,
+        name: str = "sample",
+        continue_final_message: bool = False,
+    ) -> EncodedChat:
         """Tokenise a string-content conversation.
 
         ``train=False``: the prompt for generation (with the generation prompt when the last turn isn't the
-        assistant's). ``train=True``: the whole conversation, assistant turns (with their end-of-turn token)
-        supervised. Raises :class:`ProcessingError` naming ``name`` when no token would be supervised or the
-        template is not prefix-stable.
+        assistant's). ``continue_final_message``: the last (assistant) message is rendered without its end of
+        turn, for the model to continue (transformers' ``continue_final_message``). ``train=True``: the whole
+        conversation, assistant turns (with their end-of-turn token) supervised. Raises
+        :class:`ProcessingError` naming ``name`` when no token would be supervised or the template is not
+        prefix-stable.
         """
+        if continue_final_message:
+            if train or messages[-1]["role"] != "assistant":
+                raise ProcessingError(
+                    f"{name}: continue_final_message continues the last message, which must be the assistant's "
+                    "(the start of its answer)" + (" and is for generation, not training" if train else "")
+                )
+            try:
+                text = self.render(messages, add_generation_prompt=False, continue_final_message=True)
+            except ValueError as exc:  # the template does not show the final message as written
+                raise ProcessingError(f"{name}: continue_final_message: {exc}") from exc
+            ids, _ = self.tokenize(text, messages, name)
+            return EncodedChat(ids, [False] * len(ids))
         if not train:
             text = self.render(messages, add_generation_prompt=messages[-1]["role"] != "assistant")
             ids, _ = self.tokenize(text, messages, name)

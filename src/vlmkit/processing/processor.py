@@ -51,6 +51,8 @@ class EncodedSample:
     layout may show an image again); None: the given order."""
     image_sizes: list[tuple[int, int]] | None = None
     """``(height, width)`` of the image of each run (what multi-view strategies lay the image out by)."""
+    stop_ids: tuple[int, ...] = ()
+    """End-of-turn ids of the chat template it was encoded with, when that is not the processor's own."""
 
     @property
     def num_images(self) -> int:
@@ -178,15 +180,24 @@ class VLMProcessor:
         name: str = "sample",
         max_length: int | None = None,
         pixels: bool = True,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
     ) -> EncodedSample:
         """Encode one conversation. ``train=True`` also builds labels (assistant tokens only, -100 elsewhere).
 
-        ``pixels=False`` leaves ``pixel_values`` None (the images are transformed later, e.g. per batch)."""
+        ``pixels=False`` leaves ``pixel_values`` None (the images are transformed later, e.g. per batch).
+        ``continue_final_message``: the last (assistant) message is left open for the model to continue.
+        ``chat_template``: a Jinja template instead of the tokenizer's (its end-of-turn ids go to ``stop_ids``)."""
         conversation = parse_conversation(messages, images, name=name, image_token=self.image_token)
         flat, given = conversation.to_strings(self.image_token)
         flat, order = place_images(flat, self.image_layout, self.image_token)
         sources = [given[i] for i in order]
-        chat = self.chat.encode(flat, train=train, name=name)
+        encoder = self.chat
+        if chat_template is not None:
+            if not isinstance(chat_template, str) or not chat_template.strip():
+                raise ProcessingError(f"{name}: chat_template must be a Jinja template string")
+            encoder = ChatEncoder(self.tokenizer, chat_template, image_token=self.image_token)
+        chat = encoder.encode(flat, train=train, name=name, continue_final_message=continue_final_message)
         sizes: list[tuple[int, int]] | None
         if pixels:
             pixel_values, sizes = self.load_views(sources)
@@ -217,7 +228,8 @@ class VLMProcessor:
         if max_length is not None and len(ids) > max_length:
             raise ProcessingError(f"{name}: {len(ids)} tokens (images included) is over the limit of {max_length}")
         labels = [t if s else IGNORE_INDEX for t, s in zip(ids, supervised, strict=True)] if train else None
-        return EncodedSample(ids, labels, pixel_values, counts, order, sizes)
+        stops = tuple(encoder.end_of_turn_ids()) if chat_template is not None else ()
+        return EncodedSample(ids, labels, pixel_values, counts, order, sizes, stops)
 
     # -- batches --------------------------------------------------------------------------------------------
     def collate(

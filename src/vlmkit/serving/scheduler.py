@@ -33,13 +33,15 @@ class ShuttingDown(VlmkitError):
 
 @dataclass(eq=False)
 class Ticket:
-    """One submitted request: its prompt, options and where its events go."""
+    """One submitted request: its prompt, options and where its events go (all ``options.n`` answers')."""
 
     encoded: Any
     """The backend's encoded prompt (:meth:`Backend.encode`)."""
     options: GenerationOptions
     deliver: Callable[[StreamEvent | BaseException], None]
     key: int = field(default_factory=itertools.count().__next__)
+    remaining: int = 0
+    """Answers not finished yet (set to ``options.n`` when submitted)."""
 
 
 class Scheduler:
@@ -66,6 +68,7 @@ class Scheduler:
 
     def submit(self, ticket: Ticket) -> Ticket:
         """Queue a request; raises :class:`QueueFull` when ``max_queue`` requests are already waiting."""
+        ticket.remaining = ticket.options.n
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
@@ -98,7 +101,11 @@ class Scheduler:
             while not self._waiting and not batch and not self._cancelled and not self._stop:
                 self._cond.wait()
             room = self.max_batch - len(batch)
-            admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            admitted: list[Ticket] = []
+            # a request takes one row per answer (n); one too big for the room still runs alone
+            while self._waiting and (self._waiting[0].options.n <= room or not (admitted or batch)):
+                admitted.append(self._waiting.popleft())
+                room -= admitted[-1].options.n
             cancelled, self._cancelled = self._cancelled, set()
             for ticket in admitted:
                 self._active[ticket.key] = ticket
@@ -122,10 +129,14 @@ class Scheduler:
             if event.error is not None:  # this request failed on its own; the batch goes on
                 ticket.deliver(event.error)
                 self._finish([ticket.key])
+                with self._cond:  # its other answers (n > 1) leave the batch at the next step
+                    self._cancelled.add(ticket.key)
                 continue
             ticket.deliver(event)
             if event.result is not None:
-                self._finish([ticket.key])
+                ticket.remaining -= 1
+                if ticket.remaining <= 0:
+                    self._finish([ticket.key])
 
     def _finish(self, keys: list[int], error: BaseException | None = None) -> None:
         with self._cond:

@@ -1,14 +1,12 @@
-"""An OpenAI-compatible chat completions server (FastAPI) on top of the shared engine and its scheduler."""
+"""An OpenAI-compatible server (FastAPI) on top of the shared engine and its scheduler: chat completions, legacy
+completions and the model list (response shapes in :mod:`vlmkit.serving.completions`)."""
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +18,25 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vlmkit.errors import ConfigError, ImageError, ProcessingError
-from vlmkit.inference.engine import StreamEvent
-from vlmkit.inference.options import GenerationOptions, GenerationResult
+from vlmkit.errors import ImageError, ProcessingError
+from vlmkit.inference.options import GenerationOptions
 from vlmkit.processing.conversation import ConversationError, parse_conversation
 from vlmkit.processing.images import ImageAccess
 from vlmkit.serving.body import parse_json, read_body
+from vlmkit.serving.completions import (
+    Submission,
+    chat_logprobs,
+    chat_stream,
+    completion_logprobs,
+    completion_stream,
+    generation_options,
+    usage,
+)
 from vlmkit.serving.errors import APIError
 from vlmkit.serving.guard import RequestGuard
 from vlmkit.serving.page import add_chat_page
-from vlmkit.serving.scheduler import QueueFull, Scheduler, ShuttingDown, Ticket
-from vlmkit.serving.schemas import ChatCompletionRequest, unsupported_fields
+from vlmkit.serving.scheduler import Scheduler
+from vlmkit.serving.schemas import ChatCompletionRequest, CompletionRequest, unsupported_fields
 
 if TYPE_CHECKING:
     from vlmkit.api import VLM
@@ -78,31 +84,28 @@ def _messages(request: ChatCompletionRequest, max_images: int) -> list[dict[str,
     return conversation.to_messages()
 
 
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+"""OpenAI's default ``max_tokens`` for the legacy completions endpoint."""
+
+
 def _options(request: ChatCompletionRequest, settings: ServerSettings) -> GenerationOptions:
-    if request.n not in (None, 1):
-        raise APIError(400, "only n=1 is supported", "n")
-    stop = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
-    try:
-        return GenerationOptions(
-            max_new_tokens=request.max_completion_tokens or request.max_tokens or settings.default_max_tokens,
-            temperature=request.temperature if request.temperature is not None else 1.0,
-            top_p=request.top_p if request.top_p is not None else 1.0,
-            top_k=max(request.top_k or 0, 0),
-            repetition_penalty=request.repetition_penalty if request.repetition_penalty is not None else 1.0,
-            stop=tuple(stop),
-            seed=request.seed,
-        )
-    except ConfigError as exc:
-        raise APIError(400, str(exc)) from exc
+    if request.top_logprobs and not request.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    response_format = request.response_format.model_dump() if request.response_format is not None else None
+    return generation_options(
+        request,
+        max_tokens=request.max_completion_tokens or request.max_tokens or settings.default_max_tokens,
+        max_n=settings.max_batch,
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+        response_format=response_format,
+    )
 
 
-def _usage(result: GenerationResult, image_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "total_tokens": result.prompt_tokens + result.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": image_tokens},
-    }
+def _encode_error(exc: ImageError | ProcessingError, param: str) -> APIError:
+    if isinstance(exc, ImageError):
+        return APIError(400, str(exc), param, "invalid_image")
+    code = "context_length_exceeded" if "context" in str(exc) else "invalid_request"
+    return APIError(400, str(exc), param, code)
 
 
 def create_app(vlm: VLM, settings: ServerSettings) -> FastAPI:
@@ -158,14 +161,24 @@ def create_app(vlm: VLM, settings: ServerSettings) -> FastAPI:
     if settings.ui:
         add_chat_page(app, settings.model_name, vlm.notice, api_key_required=settings.api_key is not None)
 
+    def _model_card() -> dict[str, Any]:
+        return {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "vlmkit"}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         _authorise(request)
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "vlmkit"}]}  # fmt: skip
+        return {"object": "list", "data": [_model_card()]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict[str, Any]:
+        _authorise(request)
+        if model_id != settings.model_name:
+            raise APIError(404, f"model {model_id!r} not found; this server has {settings.model_name!r}", "model",
+                           "model_not_found")  # fmt: skip
+        return _model_card()
+
+    async def _body(request: Request, schema: type[Any], completions: bool = False) -> Any:
+        """The checked request body: key, Content-Type, size and time, JSON, refused fields, schema, model."""
         _authorise(request)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json":  # also what makes a cross-site form POST impossible
@@ -176,10 +189,10 @@ def create_app(vlm: VLM, settings: ServerSettings) -> FastAPI:
         data = parse_json(raw)
         if not isinstance(data, dict):
             raise APIError(400, "the body must be a JSON object", None, "invalid_json")
-        for param, message in unsupported_fields(data):
+        for param, message in unsupported_fields(data, completions=completions):
             raise APIError(400, message, param, "unsupported_parameter")
         try:
-            body = ChatCompletionRequest.model_validate(data)
+            body = schema.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first["loc"])
@@ -187,104 +200,72 @@ def create_app(vlm: VLM, settings: ServerSettings) -> FastAPI:
         if body.model != settings.model_name:
             raise APIError(404, f"model {body.model!r} not found; this server has {settings.model_name!r}", "model",
                            "model_not_found")  # fmt: skip
+        return body
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _body(request, ChatCompletionRequest)
         messages = _messages(body, settings.max_images_per_request)
         options = _options(body, settings)
         try:
             encoded = await run_in_threadpool(vlm.engine.encode, messages, "request")
-        except ImageError as exc:
-            raise APIError(400, str(exc), "messages", "invalid_image") from exc
-        except ProcessingError as exc:
-            code = "context_length_exceeded" if "context" in str(exc) else "invalid_request"
-            raise APIError(400, str(exc), "messages", code) from exc
+        except (ImageError, ProcessingError) as exc:
+            raise _encode_error(exc, "messages") from exc
         image_tokens = sum(encoded.image_token_counts)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
-
-        def deliver(event: StreamEvent | BaseException) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        ticket = Ticket(encoded, options, deliver)
-        try:
-            state["scheduler"].submit(ticket)
-        except QueueFull as exc:
-            raise APIError(429, f"server busy: {exc}", None, "queue_full") from exc
-        except ShuttingDown as exc:
-            raise APIError(503, str(exc), None, "shutting_down") from exc
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
+        prompt_tokens = len(encoded.input_ids)
+        submission = Submission(state["scheduler"], options)
+        submission.submit([encoded])
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": settings.model_name}  # fmt: skip
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = _sse(state["scheduler"], ticket, events, completion_id, created, settings.model_name,
-                          include_usage, image_tokens)  # fmt: skip
+            stream = chat_stream(submission, {**head, "object": "chat.completion.chunk"}, include_usage,
+                                 prompt_tokens, image_tokens)  # fmt: skip
             return StreamingResponse(stream, media_type="text/event-stream")
-        try:
-            result = await _final(events, request)
-        finally:
-            state["scheduler"].cancel(ticket)
-        if result is None:
+        results = await submission.results(request)
+        if results is None:
             return Response(status_code=499)  # the client has gone; nobody reads this
-        return {
-            "id": completion_id, "object": "chat.completion", "created": created, "model": settings.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": result.finish_reason, "logprobs": None}],
-            "usage": _usage(result, image_tokens),
-        }  # fmt: skip
+        answers = [results[(0, choice)] for choice in range(options.n)]
+        choices = [{"index": r.choice, "message": {"role": "assistant", "content": r.text},
+                    "finish_reason": r.finish_reason, "logprobs": chat_logprobs(r.logprobs)}
+                   for r in answers]  # fmt: skip
+        return {**head, "choices": choices, "usage": usage(answers, prompt_tokens, image_tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _body(request, CompletionRequest, completions=True)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts:
+            raise APIError(400, "prompt must be a string or a non-empty list of strings", "prompt")
+        if len(prompts) * (body.n or 1) > settings.max_batch:
+            raise APIError(400, f"{len(prompts)} prompt(s) × n={body.n or 1} answers is over this server's limit "
+                                f"of {settings.max_batch} (--max-batch)", "prompt")  # fmt: skip
+        encode_prompt = getattr(vlm.engine, "encode_prompt", None)
+        if encode_prompt is None:
+            raise APIError(400, "this model's backend takes chat messages only; use /v1/chat/completions", "prompt")
+        options = generation_options(body, max_tokens=body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS,
+                                     max_n=settings.max_batch, logprobs=body.logprobs)  # fmt: skip
+        encoded = []
+        for p, text in enumerate(prompts):
+            try:
+                encoded.append(await run_in_threadpool(encode_prompt, text, f"prompt {p}"))
+            except (ImageError, ProcessingError) as exc:
+                raise _encode_error(exc, "prompt") from exc
+        prompt_tokens = sum(len(e.input_ids) for e in encoded)
+        submission = Submission(state["scheduler"], options)
+        submission.submit(encoded)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": settings.model_name}  # fmt: skip
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(completion_stream(submission, head, include_usage, prompt_tokens),
+                                     media_type="text/event-stream")  # fmt: skip
+        results = await submission.results(request)
+        if results is None:
+            return Response(status_code=499)
+        answers = [results[(p, choice)] for p in range(len(prompts)) for choice in range(options.n)]
+        choices = [{"text": r.text, "index": i, "logprobs": completion_logprobs(r.logprobs),
+                    "finish_reason": r.finish_reason} for i, r in enumerate(answers)]  # fmt: skip
+        return {**head, "choices": choices, "usage": usage(answers, prompt_tokens, 0)}
 
     return app
-
-
-async def _final(events: asyncio.Queue, request: Request, poll_s: float = 0.25) -> GenerationResult | None:
-    """The request's result; None as soon as its client has disconnected (the caller cancels it)."""
-    while True:
-        try:
-            event = await asyncio.wait_for(events.get(), poll_s)
-        except TimeoutError:
-            if await request.is_disconnected():
-                return None
-            continue
-        if isinstance(event, BaseException):
-            raise event
-        if event.result is not None:
-            return event.result
-
-
-async def _sse(
-    scheduler: Scheduler,
-    ticket: Ticket,
-    events: asyncio.Queue,
-    completion_id: str,
-    created: int,
-    model: str,
-    include_usage: bool,
-    image_tokens: int,
-) -> AsyncIterator[str]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> str:
-        body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                "model": model,
-                                "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                              "logprobs": None}]}  # fmt: skip
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-    finished = False
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            event = await events.get()
-            if isinstance(event, BaseException):
-                error = {"error": {"message": "generation failed", "type": "server_error", "param": None, "code": None}}
-                yield f"data: {json.dumps(error)}\n\n"
-                return
-            if event.text:
-                yield chunk({"content": event.text})
-            if event.result is not None:
-                finished = True
-                yield chunk({}, event.result.finish_reason)
-                if include_usage:
-                    yield chunk({}, usage=_usage(event.result, image_tokens))
-                yield "data: [DONE]\n\n"
-                return
-    finally:
-        if not finished:
-            scheduler.cancel(ticket)  # the client went away: free its slot now

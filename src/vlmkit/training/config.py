@@ -79,13 +79,24 @@ class DataSource:
     """One dataset of a stage's mix; ``weight`` is its share of the stage's samples (renormalised)."""
 
     path: str
-    format: Literal["llava", "jsonl", "wds", "hf"] | None = None
+    format: Literal["llava", "jsonl", "wds", "hf", "parquet"] | None = None
     weight: float = 1.0
     image_root: str | None = None
     skip_bad: bool = False
     """Skip malformed records (counted and logged) instead of failing."""
     limit: int | None = None
     """Use only the first ``limit`` usable samples."""
+    split: str | None = None
+    """The split of a ``DatasetDict`` folder or of hub-style parquet files."""
+    columns: dict[str, str] | None = None
+    """Field renaming, source name → vlmkit name (docs/formats.md)."""
+    llava_compat: Literal["auto", "on", "off"] | bool = "auto"
+    """LLaVA's preprocessing (trailing ``<image>`` moved, a leading assistant turn dropped): ``auto`` for
+    LLaVA-schema records; YAML's bare ``on``/``off`` (booleans) mean the same."""
+    allow_absolute_paths: bool = False
+    """Accept absolute image paths outside the data root."""
+    caption_prompt: str | None = None
+    """The question of caption records (img2dataset); default ``Describe the image.``"""
 
 
 @dataclass

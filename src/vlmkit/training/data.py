@@ -9,15 +9,19 @@ global batch does not depend on the number of processes: each rank takes its own
 from __future__ import annotations
 
 import logging
+from array import array
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from vlmkit.data.formats import open_dataset
+from vlmkit.data.formats import open_dataset, resolve_image
+from vlmkit.data.formats.base import DecodeImages
+from vlmkit.data.formats.schemas import DEFAULT_CAPTION_PROMPT
 from vlmkit.errors import DataError, ProcessingError
 from vlmkit.processing.processor import IGNORE_INDEX, EncodedSample, VLMProcessor
 from vlmkit.training.config import DataSource, LossWeighting, StageConfig
@@ -35,13 +39,16 @@ Item = tuple[int, int]
 
 @dataclass
 class TrainSample:
-    """One encoded conversation: token ids and labels (images expanded), with its images kept undecoded."""
+    """One encoded conversation: token ids and labels (images expanded), with its images kept undecoded.
 
-    input_ids: list[int]
-    labels: list[int]
+    :func:`encode_source` stores ids and labels as ``array("i")`` (4 bytes a token, not a Python int each)."""
+
+    input_ids: Sequence[int]
+    labels: Sequence[int]
     image_token_counts: list[int]
     images: list[Any]
-    """The images as given by the dataset: paths or encoded bytes (see :func:`read_samples`), decoded per batch."""
+    """The images as given by the dataset: paths, encoded bytes or image handles (see :func:`read_samples`),
+    read and decoded per batch."""
 
     @property
     def length(self) -> int:
@@ -57,7 +64,7 @@ class TrainSample:
         return turn_weights(self.labels, weighting)
 
 
-def turn_weights(labels: list[int], weighting: LossWeighting) -> list[float]:
+def turn_weights(labels: Sequence[int], weighting: LossWeighting) -> list[float]:
     """Per-position loss weights for ``labels``: 1 per supervised token (``token``), ``1/n`` (``turn``) or
     ``1/sqrt(n)`` (``turn_sqrt``) for each token of a turn of ``n`` supervised tokens in a row. Position 0
     predicts nothing and weighs 0."""
@@ -86,12 +93,15 @@ class SourceData:
     skipped: Counter[str] = field(default_factory=Counter)
 
 
-def read_samples(source: DataSource, decode_images: bool | Literal["check"] = "check") -> Any:
-    """Open a source's dataset (any format); a missing path raises DataError. By default each image is checked
-    and kept as its path or bytes (decoded again per batch), so a stage's data costs no pixel memory."""
+def read_samples(source: DataSource, decode_images: DecodeImages = "lazy") -> Any:
+    """Open a source's dataset (any format, any record schema); a missing path raises DataError. By default each
+    image is checked and kept as its path, or as a handle to where it lies in a tar, parquet or ``datasets`` file
+    (read and decoded again per batch), so a stage's data costs no pixel memory and no image-file memory."""
+    prompt = source.caption_prompt or DEFAULT_CAPTION_PROMPT
     return open_dataset(
         source.path, source.format, image_root=source.image_root, skip_bad=source.skip_bad,
-        decode_images=decode_images,
+        decode_images=decode_images, columns=source.columns, split=source.split, llava_compat=source.llava_compat,
+        allow_absolute_paths=source.allow_absolute_paths, caption_prompt=prompt,
     )  # fmt: skip
 
 
@@ -124,8 +134,8 @@ def encode_source(source: DataSource, processor: VLMProcessor, max_length: int |
             continue
         images = list(sample.images)
         order = encoded.image_order if encoded.image_order is not None else range(len(images))
-        item = TrainSample(encoded.input_ids, encoded.labels or [], encoded.image_token_counts,
-                           [images[i] for i in order])  # fmt: skip
+        item = TrainSample(array("i", encoded.input_ids), array("i", encoded.labels or []),
+                           encoded.image_token_counts, [images[i] for i in order])  # fmt: skip
         if max_length is not None and item.length > max_length:
             out.skipped["too_long"] += 1
         elif item.targets == 0:
@@ -316,7 +326,9 @@ class Collator:
         self.loss_weighting = loss_weighting
 
     def _views(self, sample: TrainSample) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
-        return self.processor.load_views(sample.images) if sample.images else (None, [])
+        if not sample.images:
+            return None, []
+        return self.processor.load_views([resolve_image(image) for image in sample.images])
 
     def __call__(self, samples: list[TrainSample]) -> dict[str, Any]:
         if self.packing:
@@ -325,7 +337,9 @@ class Collator:
             encoded = []
             for s in samples:
                 pixels, sizes = self._views(s)
-                encoded.append(EncodedSample(s.input_ids, s.labels, pixels, s.image_token_counts, image_sizes=sizes))
+                encoded.append(
+                    EncodedSample(list(s.input_ids), list(s.labels), pixels, s.image_token_counts, image_sizes=sizes)
+                )
             batch = self.processor.collate(encoded, padding_side="right")
             batch.pop("image_counts", None)
         if self.loss_weighting != "token":

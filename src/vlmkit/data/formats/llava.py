@@ -1,17 +1,20 @@
 """``llava``: ``DIR/name.json``, a JSON array of ``{"id", "image", "conversations", "task", "meta"}``.
 
 The images are in ``DIR/images/name/``; ``image`` is a path relative to the data root (default: the JSON file's
-folder), or a list of paths for several images.
+folder), or a list of paths for several images. Read, the array holds records of any schema
+(:mod:`~vlmkit.data.formats.schemas`: LLaMA-Factory's ``mllm_demo.json`` is one); written, LLaVA's or, with
+``schema="messages"``, ``{"messages", "images"}`` (ms-swift, LLaMA-Factory).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vlmkit.data.formats.base import DatasetWriter, SampleDataset, safe_name
+from vlmkit.data.formats.base import DatasetWriter, SampleDataset, check_schema, safe_name
 from vlmkit.data.formats.records import Record, llava_record
 from vlmkit.data.formats.registry import register_format, single_file
 from vlmkit.errors import DataError
@@ -53,12 +56,27 @@ class JsonFileWriter(DatasetWriter):
 
     suffix: ClassVar[str]
 
-    def __init__(self, out_dir: str | Path, name: str, *, overwrite: bool = False) -> None:
+    def __init__(self, out_dir: str | Path, name: str, *, overwrite: bool = False, schema: str = "llava") -> None:
         super().__init__(out_dir, name, overwrite=overwrite)
+        self.schema = check_schema(schema)
         self.image_dir = self.out_dir / "images" / safe_name(name)
         self.image_dir.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("w", encoding="utf-8")
         self._closed = False
+
+    @classmethod
+    def create(
+        cls,
+        out_dir: str | Path,
+        name: str,
+        *,
+        overwrite: bool = False,
+        shard_size: int | None = None,
+        schema: str | None = None,
+    ) -> DatasetWriter:
+        if shard_size is not None:
+            raise DataError(f"shard_size applies to sharded formats (wds), not to {cls.format!r}")
+        return cls(out_dir, name, overwrite=overwrite, schema=schema or "llava")
 
     @property
     def path(self) -> Path:
@@ -75,7 +93,7 @@ class JsonFileWriter(DatasetWriter):
 
     def _text(self, record: Record) -> str:
         """The record as one line of JSON, its images stored."""
-        return json.dumps(llava_record(record, self._store_images(record)), ensure_ascii=False)
+        return json.dumps(llava_record(record, self._store_images(record), self.schema), ensure_ascii=False)
 
     def close(self) -> Path:
         if not self._closed:
@@ -101,4 +119,13 @@ class LlavaJsonWriter(JsonFileWriter):
         self._file.write("\n]\n" if self.count else "[]\n")
 
 
-register_format(single_file("llava", LlavaJsonDataset, LlavaJsonWriter, ".json"))
+def _json_files(folder: Path) -> list[Path]:
+    """The ``.json`` files of a folder but img2dataset's ``NNNNN_stats.json`` (beside ``NNNNN.tar``)."""
+    return [p for p in sorted(folder.glob("*.json")) if not _is_stats(p)]
+
+
+def _is_stats(path: Path) -> bool:
+    return path.name.endswith("_stats.json") and path.with_name(f"{path.name[: -len('_stats.json')]}.tar").exists()
+
+
+register_format(replace(single_file("llava", LlavaJsonDataset, LlavaJsonWriter, ".json"), find=_json_files))

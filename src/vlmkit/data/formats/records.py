@@ -1,12 +1,12 @@
-"""The record every format holds: :class:`Record` to write, LLaVA-style parsing to read, :class:`RecordError`."""
+"""The record every format holds: :class:`Record` to write, :class:`ParsedRecord` read, :class:`RecordError`;
+LLaVA's JSON object and preprocessing."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlmkit.data.sample import Sample, reply_problem
+from vlmkit.data.sample import Sample
 from vlmkit.data.shapes import encode_png
 from vlmkit.errors import DataError
 from vlmkit.processing.images import load_image
@@ -23,11 +23,10 @@ PROBLEMS = {
     "missing_image": "an image file or tar member is missing",
     "unreadable_image": "an image cannot be decoded",
     "path_escape": "an image path escapes the data root",
-    "bad_shard": "a tar shard is truncated or corrupt",
+    "bad_shard": "a tar shard or parquet file is truncated or corrupt",
 }
 """Reason codes of :class:`RecordError`, as counted in ``SampleDataset.problems``."""
 
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _LLAVA_ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
@@ -66,18 +65,49 @@ def count_markers(messages: list[dict[str, Any]]) -> int:
     return sum(str(m.get("content", "")).count(IMAGE_TOKEN) for m in messages)
 
 
-def llava_record(record: Record, image_refs: list[str]) -> dict[str, Any]:
-    """The LLaVA JSON object of a record whose images are stored at ``image_refs``."""
-    conversations = []
+def llava_preprocess(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """What LLaVA's training code does to a conversation before tokenizing it (``llava_compat``).
+
+    - Assistant turns before the first user turn are dropped (LLaVA skips a first turn not from the human);
+      their ``<image>`` markers move to the start of the first user turn, so no image is lost.
+    - A turn holding exactly one ``<image>`` marker anywhere (e.g. trailing: ``"What is it?\\n<image>"``) gets it
+      moved to its start as ``"<image>\\n" + text`` (LLaVA's ``preprocess_multimodal``). Turns with several
+      markers (interleaved multi-image data) are left as they are, as LLaVA-NeXT does.
+    """
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+    moved = sum(m["content"].count(IMAGE_TOKEN) for m in messages[:first_user] if m["role"] == "assistant")
+    out = []
+    for i, message in enumerate(messages):
+        if i < first_user and message["role"] == "assistant":
+            continue
+        text = message["content"]
+        if text.count(IMAGE_TOKEN) == 1:
+            text = f"{IMAGE_TOKEN}\n{text.replace(IMAGE_TOKEN, '').strip()}"
+        if moved and i == first_user:
+            text = f"{IMAGE_TOKEN}\n" * moved + text
+        out.append({"role": message["role"], "content": text})
+    return out
+
+
+def llava_record(record: Record, image_refs: list[str], schema: str = "llava") -> dict[str, Any]:
+    """The JSON object of a record whose images are stored at ``image_refs``: LLaVA's ``conversations`` of
+    ``{from, value}`` and ``image`` (``schema="llava"``), or ``messages`` of ``{role, content}`` and ``images``
+    (``"messages"``: ms-swift, LLaMA-Factory). A conversation that LLaVA's preprocessing would change
+    (:func:`llava_preprocess`) is written as ``messages`` either way, so every reader gets it back as it is."""
     for turn in record.messages:
         role = turn.get("role")
         if role not in _LLAVA_ROLES or not isinstance(turn.get("content"), str):
             raise DataError(f"record {record.id!r}: cannot write a turn with role {role!r} and non-text content")
-        conversations.append({"from": _LLAVA_ROLES[role], "value": turn["content"]})
+    messages = [{"role": m["role"], "content": m["content"]} for m in record.messages]
     out: dict[str, Any] = {"id": record.id}
-    if image_refs:
-        out["image"] = image_refs[0] if len(image_refs) == 1 else image_refs
-    out["conversations"] = conversations
+    if schema == "llava" and llava_preprocess(messages) == messages:
+        if image_refs:
+            out["image"] = image_refs[0] if len(image_refs) == 1 else image_refs
+        out["conversations"] = [{"from": _LLAVA_ROLES[m["role"]], "value": m["content"]} for m in messages]
+    else:
+        out["messages"] = messages
+        if image_refs:
+            out["images"] = list(image_refs)
     if record.task is not None:
         out["task"] = record.task
     if record.meta:
@@ -94,52 +124,5 @@ class ParsedRecord:
     image_refs: list[Any]
     task: str | None
     meta: dict[str, Any]
-
-
-def parse_record(where: str, record: Any) -> ParsedRecord:
-    """Validate a LLaVA-style record (``conversations`` with from/value, or ``messages`` with role/content)."""
-    if not isinstance(record, dict):
-        raise RecordError(where, "bad_record", f"expected a JSON object, got {type(record).__name__}")
-    if record.get("id") is None:
-        raise RecordError(where, "missing_field", "missing field 'id'")
-    if not isinstance(record["id"], str | int):
-        raise RecordError(where, "bad_record", f"'id' must be a string or an integer, got {record['id']!r}")
-    where = f"{where} (id {record['id']!r})"
-    key = "conversations" if "conversations" in record else "messages"
-    turns = record.get(key)
-    if turns is None:
-        raise RecordError(where, "missing_field", "missing field 'conversations' (or 'messages')")
-    if not isinstance(turns, list):
-        raise RecordError(where, "bad_record", f"'{key}' must be a list, got {type(turns).__name__}")
-    if not turns:
-        raise RecordError(where, "empty_conversation", "empty conversation")
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RecordError(where, "bad_record", f"turn {i} must be an object, got {type(turn).__name__}")
-        role = turn.get("from", turn.get("role"))
-        text = turn.get("value", turn.get("content"))
-        if role is None or text is None:
-            raise RecordError(where, "missing_field", f"turn {i} needs 'from' and 'value' (or 'role' and 'content')")
-        if role not in _ROLES:
-            raise RecordError(where, "bad_role", f"turn {i} has unknown role {role!r}; expected {', '.join(_ROLES)}")
-        if not isinstance(text, str):
-            raise RecordError(where, "bad_record", f"turn {i} text must be a string, got {type(text).__name__}")
-        messages.append({"role": _ROLES[role], "content": text})
-    if not any(m["content"].strip() for m in messages):
-        raise RecordError(where, "empty_conversation", "every turn of the conversation is empty")
-    problem = reply_problem(messages)
-    if problem is not None:
-        raise RecordError(where, "no_reply", problem)
-    refs = record.get("image", record.get("images"))
-    refs = [] if refs is None else refs if isinstance(refs, list) else [refs]
-    task = record.get("task")
-    meta = record.get("meta") or {}
-    if isinstance(meta, str):
-        try:
-            meta = json.loads(meta)
-        except json.JSONDecodeError as exc:
-            raise RecordError(where, "bad_json", f"'meta' is malformed JSON ({exc.msg})") from exc
-    if not isinstance(meta, dict) or not (task is None or isinstance(task, str)):
-        raise RecordError(where, "bad_record", "'meta' must be an object and 'task' a string")
-    return ParsedRecord(str(record["id"]), messages, refs, task, meta)
+    place_images: bool = False
+    """Images without any ``<image>`` marker go before the first user text (else: a marker count mismatch)."""

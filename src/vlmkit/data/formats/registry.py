@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from vlmkit.data.formats.base import DatasetWriter, SampleDataset
+from vlmkit.data.formats.base import DatasetWriter, DecodeImages, SampleDataset
+from vlmkit.data.formats.schemas import DEFAULT_CAPTION_PROMPT, LlavaCompat, check_llava_compat, parse_columns
 from vlmkit.errors import DataError
 from vlmkit.processing.images import DEFAULT_MAX_PIXELS
 from vlmkit.registry import Registry
@@ -105,7 +105,12 @@ def open_dataset(
     image_root: str | Path | None = None,
     skip_bad: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    decode_images: bool | Literal["check"] = True,
+    decode_images: DecodeImages = True,
+    columns: Mapping[str, str] | str | None = None,
+    split: str | None = None,
+    llava_compat: LlavaCompat | bool = "auto",
+    allow_absolute_paths: bool = False,
+    caption_prompt: str = DEFAULT_CAPTION_PROMPT,
 ) -> SampleDataset:
     """Open a dataset in any registered format (auto-detected when ``format`` is None) for reading Samples.
 
@@ -113,19 +118,39 @@ def open_dataset(
     the JSON/JSONL file, the shard folder, or the datasets folder. ``skip_bad`` skips bad records, counting them
     in ``dataset.problems``, instead of raising :class:`~vlmkit.data.formats.RecordError`.
     ``decode_images=False`` leaves each image as its path or encoded bytes, unchecked (much faster when only the
-    text is needed); ``"check"`` decodes each image to check it but still gives back its path or bytes
-    (constant memory for large training sets: decode again when the pixels are needed).
+    text is needed); ``"check"`` decodes each image to check it but still gives back its path or bytes;
+    ``"lazy"`` is ``"check"`` giving back, for images embedded in tars, parquet or ``datasets`` files, an
+    :class:`~vlmkit.data.formats.base.ImageHandle` instead of the bytes (constant memory for large training
+    sets: read and decode again when the pixels are needed).
+
+    Records may have any schema of :mod:`~vlmkit.data.formats.schemas`: ``columns`` renames fields
+    (``"old=new,..."``, JSON or a dict), ``llava_compat`` (``auto``, ``on``, ``off``) applies LLaVA's
+    preprocessing, ``allow_absolute_paths`` accepts absolute image paths anywhere, ``caption_prompt`` is the
+    question of caption records; ``split`` picks one split of a ``DatasetDict`` folder or of hub-style parquet
+    files (``train-00000-of-00002.parquet``).
     """
     if format is None:
         format, path = detect_format(path)
     reader = get_format(format).reader
-    return reader(path, image_root=image_root, skip_bad=skip_bad, max_pixels=max_pixels, decode_images=decode_images)
+    return reader(
+        path, image_root=image_root, skip_bad=skip_bad, max_pixels=max_pixels, decode_images=decode_images,
+        columns=parse_columns(columns), split=split, llava_compat=check_llava_compat(llava_compat),
+        allow_absolute_paths=allow_absolute_paths, caption_prompt=caption_prompt,
+    )  # fmt: skip
 
 
 def open_writer(
-    out_dir: str | Path, format: str, name: str = "data", *, overwrite: bool = False, shard_size: int | None = None
+    out_dir: str | Path,
+    format: str,
+    name: str = "data",
+    *,
+    overwrite: bool = False,
+    shard_size: int | None = None,
+    schema: str | None = None,
 ) -> DatasetWriter:
     """A writer for dataset ``name`` in ``out_dir`` in a registered ``format`` (see each format's module for its
     layout). Refuses to replace an existing dataset unless ``overwrite``; ``shard_size`` (samples per shard,
-    default 10,000) only for sharded formats."""
-    return get_format(format).writer.create(out_dir, name, overwrite=overwrite, shard_size=shard_size)
+    default 10,000) only for sharded formats; ``schema`` (``llava``, the default, or ``messages``) only for
+    formats holding JSON records."""
+    kwargs = {} if schema is None else {"schema": schema}
+    return get_format(format).writer.create(out_dir, name, overwrite=overwrite, shard_size=shard_size, **kwargs)

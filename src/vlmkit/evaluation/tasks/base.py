@@ -17,7 +17,8 @@ Metrics = dict[str, Any]
 
 @dataclass
 class EvalSample:
-    """One evaluation question: its id, prompt text, image (path string, PIL image or None) and reference."""
+    """One evaluation question: its id, prompt text, image (path string, encoded bytes, PIL image or None) and
+    reference."""
 
     id: str
     prompt: str
@@ -73,6 +74,11 @@ class Task:
     def read(self, row: dict[str, Any], where: str, image_root: Path) -> EvalSample:
         """Validate one data row and turn it into a sample; raises DataError naming ``where``."""
         raise NotImplementedError
+
+    def read_rows(self, rows: Sequence[tuple[str, dict[str, Any]]], image_root: Path) -> list[EvalSample]:
+        """All ``(where, row)`` rows of a source as samples: one :meth:`read` each, unless the task makes
+        several samples of a row or needs to see every row first (MMBench's CircularEval)."""
+        return [self.read(row, where, image_root) for where, row in rows]
 
     def score(self, sample: EvalSample, prediction: str) -> dict[str, Any]:
         """Per-sample score: ``{"score": float, ...}`` plus whatever was parsed from the answer."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,11 @@ def answer_list(row: dict[str, Any], where: str, keys: Sequence[str] = ("answers
     return answers
 
 
-def sample_id(row: dict[str, Any], where: str, fallback: str | None = None) -> str:
-    """``question_id`` (or ``id``) as a string, else ``fallback``."""
-    for key in ("question_id", "id"):
+def sample_id(
+    row: dict[str, Any], where: str, fallback: str | None = None, keys: Sequence[str] = ("question_id", "id")
+) -> str:
+    """``question_id`` (or ``id``, or the first of ``keys``) as a string, else ``fallback``."""
+    for key in keys:
         value = row.get(key)
         if value is not None and not isinstance(value, dict | list):
             return str(value)
@@ -44,13 +47,25 @@ def sample_id(row: dict[str, Any], where: str, fallback: str | None = None) -> s
     raise DataError(f"{where}: missing field 'question_id'")
 
 
-def image_path(row: dict[str, Any], where: str, root: Path) -> str | None:
-    """The row's ``image``: an existing file (relative paths under ``root``), a data or http(s) URL, or None."""
-    value = row.get("image")
+def image_path(row: dict[str, Any], where: str, root: Path, key: str = "image") -> Any:
+    """The row's ``image``: an existing file (relative paths under ``root``), a data or http(s) URL, None, or —
+    from parquet and datasets sources — the image itself (``{"bytes", "path"}``: its bytes; a PIL image; a list
+    holding one image)."""
+    value = row.get(key)
+    if isinstance(value, list | tuple):
+        if len(value) > 1:
+            raise DataError(f"{where}: {len(value)} images in {key!r}; this task takes one image per question")
+        value = value[0] if value else None
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        value = value.get("path")
     if value is None:
         return None
+    if isinstance(value, Image.Image | bytes):
+        return value
     if not isinstance(value, str) or not value:
-        raise DataError(f"{where}: field 'image' must be a path string")
+        raise DataError(f"{where}: field {key!r} must be a path string or an image")
     if value.startswith(("data:", "http://", "https://")):
         return value
     path = Path(value).expanduser()
@@ -66,6 +81,12 @@ def image_size(row: dict[str, Any], image: Any, where: str) -> tuple[int, int]:
         return int(row["width"]), int(row["height"])
     if isinstance(image, Image.Image):
         return image.size
+    if isinstance(image, bytes):
+        try:
+            with Image.open(io.BytesIO(image)) as img:
+                return img.size
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"{where}: cannot read the size of the image ({exc})") from exc
     if not isinstance(image, str) or image.startswith(("data:", "http://", "https://")):
         raise DataError(f"{where}: grounding needs the image size; give 'width' and 'height'")
     try:

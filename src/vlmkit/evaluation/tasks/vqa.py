@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 from vlmkit.evaluation.metrics import anls, gqa_exact_match, vqa_accuracy
 from vlmkit.evaluation.tasks.base import SHORT_ANSWER, EvalSample, Metrics, Task, mean
 from vlmkit.evaluation.tasks.registry import register_task
-from vlmkit.evaluation.tasks.rows import answer_list
+from vlmkit.evaluation.tasks.rows import answer_list, get_field
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,23 @@ class GqaTask(Task):
 
 @register_task("textvqa")
 class TextVqaTask(VqaTask):
-    """TextVQA: the VQA formula with the full normalisation applied to the answers too."""
+    """TextVQA: the VQA formula with the full normalisation applied to the answers too.
+
+    ``ocr=True`` appends the row's ``ocr_tokens`` to the question as LLaVA-1.5's TextVQA file has them (and
+    lmms-eval's ``ocr: true``): ``"\nReference OCR token: a, b, c"``. Off by default, as lmms-eval."""
 
     textvqa = True
+
+    def __init__(self, prompt_suffix: str | None = None, ocr: bool = False) -> None:
+        super().__init__(prompt_suffix)
+        self.ocr = ocr
+
+    def _question(self, row: dict[str, Any], where: str, keys: Sequence[str] = ("question",)) -> str:
+        question = get_field(row, keys, where)
+        if self.ocr:
+            tokens = get_field(row, ("ocr_tokens",), where, (list, tuple))
+            question += f"\nReference OCR token: {', '.join(str(t) for t in tokens)}"
+        return question + self.prompt_suffix
 
 
 @register_task("docvqa")

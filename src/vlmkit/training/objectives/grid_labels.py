@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlmkit.data.formats import resolve_image
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.training.config import StageConfig
 from vlmkit.training.data import read_samples
@@ -66,7 +67,7 @@ class GridLabels:
         rng = np.random.default_rng([self.run.seed, self.run.index])
         order = [rng.choice(len(self.pool), size=stage.batch_size, replace=False) for _ in range(self.total)]
         for step in range(start, self.total):
-            pixels = self.run.processor.load_images([self.pool[i].images[0] for i in order[step]])
+            pixels = self.run.processor.load_images([resolve_image(self.pool[i].images[0]) for i in order[step]])
             targets = stack_targets(self.labels[i] for i in order[step])
             yield StepBatch(iter([(pixels, targets)]), record={"samples": stage.batch_size})
 
