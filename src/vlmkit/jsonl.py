@@ -82,18 +82,22 @@ def append_rows(handle: IO[bytes], rows: Iterable[dict[str, Any]]) -> None:
     os.fsync(handle.fileno())
 
 
-def rewrite(path: str | Path, lines: Iterable[bytes]) -> None:
-    """Replace ``path`` with ``lines`` (each without its newline) atomically: a temporary file, fsync'd, then
-    renamed over it, so a kill at any instant leaves either the old file or the new one."""
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically: a temporary file, fsync'd, then renamed over it, so a kill at any
+    instant leaves either the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as handle:
-            for line in lines:
-                handle.write(line + b"\n")
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def rewrite(path: str | Path, lines: Iterable[bytes]) -> None:
+    """Replace ``path`` with ``lines`` (each without its newline) atomically (:func:`write_atomic`)."""
+    write_atomic(path, b"".join(line + b"\n" for line in lines))
