@@ -13,6 +13,7 @@ is: the tower's own text size).
 Modes differ only by the views strategy (and the projector for ``anyres_ps``):
 
 - ``single``: the canvas shrunk to one 96-px view;
+- ``anyres_2x2``: LLaVA-NeXT tiles, 2 × 2 of the canvas at 192 px, plus the base view;
 - ``anyres``: LLaVA-NeXT tiles (pinpoints up to ``--grid`` × 96 px, so 3 × 3 tiles of the canvas at 288 px) plus
   the base view;
 - ``hd``: Phi-3-vision crops (``max_crops = grid²``) plus the global view, 2×2-merged (needs an even patch grid);
@@ -78,6 +79,7 @@ def modes(grid: int) -> dict[str, tuple[ViewsConfig, str]]:
     anyres = ViewsConfig("anyres", {"grid_pinpoints": pinpoints})
     return {
         "single": (ViewsConfig("single"), "mlp2x_gelu"),
+        "anyres_2x2": (ViewsConfig("anyres", {"grid_pinpoints": [[192, 192]]}), "mlp2x_gelu"),
         "anyres": (anyres, "mlp2x_gelu"),
         "hd": (ViewsConfig("hd", {"max_crops": grid * grid}), "mlp2x_gelu"),
         "anyres_ps": (anyres, f"pixel_shuffle{shuffle}x"),
@@ -387,10 +389,10 @@ def figure(path: str, grid: int, index: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", default="single,anyres,hd,anyres_ps", help="comma-separated, in run order")
+    parser.add_argument("--modes", default="single,anyres_2x2,anyres,hd,anyres_ps", help="comma-separated, in order")
     parser.add_argument("--grid", type=int, default=3, help="most tiles per side (anyres pinpoints, hd max_crops)")
     parser.add_argument("--probe-n", type=int, default=2000, help="scenes of the tower's linear probe")
-    parser.add_argument("--steps", type=int, default=400, help="steps of each mode (tower frozen)")
+    parser.add_argument("--steps", type=int, default=1000, help="steps of each mode (tower frozen)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
