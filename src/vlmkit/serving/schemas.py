@@ -28,16 +28,14 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions``: OpenAI's fields vlmkit applies, plus vLLM's ``top_k`` and
-    ``repetition_penalty`` (its "extra parameters")."""
+class _SamplingRequest(BaseModel):
+    """The fields both completion APIs share: the model, the sampling knobs (vLLM's ``top_k`` and
+    ``repetition_penalty`` among them, its "extra parameters"), ``n``, stops, seed and streaming."""
 
     model_config = _STRICT
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
@@ -48,6 +46,13 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions``: OpenAI's fields vlmkit applies, plus the shared sampling fields."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
@@ -62,24 +67,11 @@ class ResponseFormat(BaseModel):
     json_schema: dict[str, Any] | None = None
 
 
-class CompletionRequest(BaseModel):
-    """``POST /v1/completions`` (OpenAI's legacy completions): a raw text prompt, no chat template."""
+class CompletionRequest(_SamplingRequest):
+    """``POST /v1/completions`` (OpenAI's legacy completions): a raw text prompt, no chat template; OpenAI's
+    default ``max_tokens`` is 16 here."""
 
-    model_config = _STRICT
-
-    model: str
     prompt: str | list[str]
-    max_tokens: int | None = Field(default=None, ge=1)
-    """OpenAI's default is 16 for this endpoint."""
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
-    n: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
     """The legacy meaning: how many likeliest tokens to list besides the chosen one (OpenAI allows 5, vLLM 20)."""
 
