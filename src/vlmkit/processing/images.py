@@ -321,6 +321,18 @@ MAX_ASPECT_RATIO = 200
 MAX_CANVAS_SIDE = 4096
 """``pad`` mode: a longer image side is first shrunk to this, so the square canvas stays ≤ 4096² pixels."""
 
+
+def checked_rgb(image: Image.Image, name: str) -> Image.Image:
+    """``image`` in RGB, after refusing (:class:`ImageError`) an aspect ratio over :data:`MAX_ASPECT_RATIO`: what
+    every views strategy checks before it cuts an image."""
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(
+            f"image {name}: {width}x{height} has an aspect ratio over {MAX_ASPECT_RATIO}:1; crop or pad it first"
+        )
+    return image if image.mode == "RGB" else _to_rgb(image, name)
+
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -374,13 +386,7 @@ class ImageTransform:
 
         Raises :class:`ImageError` for an aspect ratio over :data:`MAX_ASPECT_RATIO`."""
         name = name or describe_source(image)
-        width, height = image.size
-        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-            raise ImageError(
-                f"image {name}: {width}x{height} has an aspect ratio over {MAX_ASPECT_RATIO}:1; crop or pad it first"
-            )
-        if image.mode != "RGB":
-            image = _to_rgb(image, name)
+        image = checked_rgb(image, name)
         if self.config.resize_mode == "pad":
             image = self._square(image)
         size = self.config.size

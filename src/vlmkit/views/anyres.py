@@ -24,8 +24,8 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-from vlmkit.errors import ConfigError, ImageError
-from vlmkit.processing.images import MAX_ASPECT_RATIO, ImageTransformConfig, _to_rgb
+from vlmkit.errors import ConfigError
+from vlmkit.processing.images import ImageTransformConfig, checked_rgb
 from vlmkit.views.base import VIEWS, Assembler, Geometry, Size, Views, ViewsSpec
 
 LLAVA_NEXT_GRID = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
@@ -118,13 +118,7 @@ class AnyresViews(Views):
         self.pinpoints = self.processor.image_grid_pinpoints
 
     def pixels(self, image: Image.Image, name: str) -> torch.Tensor:
-        width, height = image.size
-        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-            raise ImageError(
-                f"image {name}: {width}x{height} has an aspect ratio over {MAX_ASPECT_RATIO}:1; crop or pad it first"
-            )
-        if image.mode != "RGB":
-            image = _to_rgb(image, name)
+        image = checked_rgb(image, name)
         pixels = self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
         return pixels.to(torch.float32)
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from vlmkit.errors import ConfigError, ImageError
-from vlmkit.processing.images import MAX_ASPECT_RATIO
+from vlmkit.errors import ConfigError
+from vlmkit.processing.images import checked_rgb
 from vlmkit.views.base import VIEWS, Assembler, Geometry, Size, Views, ViewsSpec
 
 
@@ -109,16 +109,12 @@ class HDViews(Views):
         return hd_num_tokens(rows, cols, self.merged, self.options.separators)
 
     def pixels(self, image: Image.Image, name: str) -> torch.Tensor:
-        if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
-            raise ImageError(
-                f"image {name}: {image.width}x{image.height} has an aspect ratio over {MAX_ASPECT_RATIO}:1; crop or "
-                "pad it first"
-            )
+        image = checked_rgb(image, name)
         side = self.geometry.view_size
         rows, cols, new_height, new_width = self.layout((image.height, image.width))
         # as Phi-3's HD_transform: landscape orientation, resize, pad top and bottom with white, orient back
         transposed = image.width < image.height
-        work = image.convert("RGB").transpose(Image.Transpose.TRANSPOSE) if transposed else image.convert("RGB")
+        work = image.transpose(Image.Transpose.TRANSPOSE) if transposed else image
         short, long_ = (new_width, new_height) if transposed else (new_height, new_width)
         work = work.resize((long_, short), Image.Resampling.BILINEAR)
         pad = (cols if transposed else rows) * side - short
