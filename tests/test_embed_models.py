@@ -85,7 +85,7 @@ def test_the_built_in_model_is_registered_and_ships():
     size = (folder / "model.safetensors").stat().st_size
     assert size <= 10 * 1024 * 1024, f"{size / 1e6:.1f} MB"
     encoder = load_encoder("clip-shapes", device="cpu")
-    assert encoder.notice == entry.notice and encoder.model_type == "clip"
+    assert encoder.notice == entry.notice and encoder.model_type == "siglip"
 
 
 def test_the_built_in_model_finds_shapesworld_scenes_by_caption_out_of_the_box(tmp_path, capsys):

@@ -36,7 +36,7 @@ def _clip_shapes() -> Path:
 
 EMBEDDING_MODELS.add("clip-shapes", BuiltinEncoder(
     _clip_shapes,
-    "vlmkit's built-in 'clip-shapes' is a tiny CLIP trained only on synthetic shapes (ShapesWorld); for photos, "
-    "pass --model with a real CLIP or SigLIP checkpoint.",
+    "vlmkit's built-in 'clip-shapes' is a tiny dual encoder trained only on synthetic shapes (ShapesWorld); for "
+    "photos, pass --model with a real CLIP or SigLIP checkpoint.",
     templates="shapes",
 ))  # fmt: skip

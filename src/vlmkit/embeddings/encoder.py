@@ -16,8 +16,9 @@ from vlmkit.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-MAX_LENGTH_PADDED = {"siglip": 64, "siglip2": 64}
-"""Families whose text tower was trained on texts padded to a fixed length (it pools the last position)."""
+MAX_LENGTH_PADDED = ("siglip", "siglip2")
+"""Families whose text tower was trained on texts padded to a fixed length, its ``max_position_embeddings`` (64 in
+every released SigLIP and SigLIP2), since it pools the last position."""
 
 
 @contextlib.contextmanager
@@ -68,8 +69,6 @@ class DualEncoder:
         text_config = getattr(config, "text_config", None)
         self.max_length = int(getattr(text_config, "max_position_embeddings", 77) or 77)
         self.pad_to_max = self.model_type in MAX_LENGTH_PADDED
-        if self.pad_to_max:
-            self.max_length = min(self.max_length, MAX_LENGTH_PADDED[self.model_type])
 
     @property
     def device(self) -> torch.device:

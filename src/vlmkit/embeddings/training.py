@@ -1,11 +1,14 @@
-"""The recipe of the built-in ``clip-shapes`` model: a tiny CLIP trained contrastively on ShapesWorld captions.
+"""The recipe of the built-in ``clip-shapes`` model: a tiny dual encoder trained contrastively on ShapesWorld captions.
 
 ``python -m vlmkit.embeddings.training recipes/clip.yaml [--set key=value ...]`` renders the training scenes
 once (cached as uint8 pixels exactly as the model's image processor resizes them), trains a CLIP-form BPE
-tokenizer on the captions, then trains a transformers :class:`~transformers.CLIPModel` from scratch with CLIP's
-symmetric InfoNCE loss (learnt temperature), and saves it with its processor in ``output_dir/final``, a folder
-:func:`vlmkit.embeddings.encoder.load_folder_encoder` (and plain transformers) loads. Each caption is the
-canonical one or a paraphrase (objects shuffled), so the text tower learns the phrasing, not one word order.
+tokenizer on the captions, then trains a transformers dual encoder with a contrastive loss (CLIP's symmetric
+InfoNCE or SigLIP's sigmoid loss, learnt temperature): a :class:`~transformers.CLIPModel` from scratch, or a
+:class:`~transformers.SiglipModel` whose image tower is a vlmkit VLM's, locked but its pooling head (LiT, Zhai et
+al. 2022: its features are then computed once), with a new text tower. It saves the model with its processor in
+``output_dir/final``, a folder :func:`vlmkit.embeddings.encoder.load_folder_encoder` (and plain transformers)
+loads. Each caption is the canonical one or a paraphrase (objects shuffled), so the text tower learns the
+phrasing, not one word order.
 """
 
 from __future__ import annotations
@@ -39,12 +42,35 @@ class ClipRecipe:
     cache_dir: str = "runs/clip-cache"
     seed: int = 0
     data_seed: int = 0
+    architecture: Literal["clip", "siglip"] = "clip"
+    """``clip``: a transformers ``CLIPModel`` (CLS pooling, causal text tower pooled at the end token);
+    ``siglip``: a ``SiglipModel`` (attention-pooling head, texts padded to ``max_length`` and pooled at the last
+    position; its embedding size is the vision width)."""
+    vision_init: str = ""
+    """A vlmkit VLM (a built-in name such as ``default``, or a checkpoint folder) whose SigLIP vision tower starts
+    the image tower (``siglip`` only): its geometry and image normalisation are the tower's, so ``vision`` must be
+    empty. ``""``: the image tower starts from random weights with the ``vision`` settings."""
+    freeze_vision: Literal["none", "body", "all"] = "none"
+    """Locked-image tuning (LiT): ``body`` freezes the image tower but its pooling head (``siglip``), ``all`` the
+    whole image tower; only the rest trains."""
+    unfreeze_at: int = 0
+    """Step at which a frozen image tower starts training too, at ``vision_lr_scale`` × the lr (0: never)."""
+    vision_lr_scale: float = 1.0
+    """The image tower's lr multiplier once it trains (after ``unfreeze_at``, or throughout when not frozen)."""
+    loss: Literal["softmax", "sigmoid"] = "softmax"
+    """``softmax``: CLIP's symmetric cross-entropy over the batch; ``sigmoid``: SigLIP's pairwise sigmoid loss
+    (uses the model's ``logit_bias``; ``siglip`` only)."""
+    logit_bias_init: float = -10.0
+    """The sigmoid loss's starting bias (SigLIP's -10)."""
+    save_dtype: Literal["fp32", "fp16"] = "fp32"
+    """The saved weights' dtype (``fp16`` halves the file; vlmkit loads them as float32)."""
     train_scenes: int = 50000
     image_size: int = 96
     """The model's input side; ShapesWorld's 128-px images are resized to it (bicubic, as its processor does)."""
     vocab_size: int = 1024
     max_length: int = 96
     projection_dim: int = 128
+    """The embedding size (``siglip``: it must equal the vision width, which its pooling head outputs)."""
     logit_scale_init: float = 2.6592
     """log(1 / temperature) at the start: CLIP's 2.6592 is temperature 0.07."""
     vision: dict[str, Any] = field(default_factory=lambda: {
@@ -63,11 +89,11 @@ class ClipRecipe:
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast of the towers (the loss stays float32); measured no faster than fp32 at these widths."""
     canonical: float = 0.5
+    """Probability that a training caption is the canonical one (else one of its three paraphrases)."""
     hard_negatives: float = 0.0
     """Fraction of each batch that are twins of the batch's other scenes with one object's shape or colour changed
     (rendered on the fly, their captions changed to match): a random batch almost never holds two scenes that
     differ only in a shape, so without them nothing makes the model tell shapes apart."""
-    """Probability that a training caption is the canonical one (else one of its three paraphrases)."""
     eval_every: int = 0
     """Evaluate on the held-out split every N steps (0: only at the end)."""
     eval_split: str = "val"
@@ -105,7 +131,27 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> ClipRecipe:  # t
         for part in parents:
             target = target.setdefault(part, {})
         target[last] = _parse_value(value)
-    return config_from_dict(ClipRecipe, data)
+    return check_recipe(config_from_dict(ClipRecipe, data))
+
+
+def check_recipe(recipe: ClipRecipe) -> ClipRecipe:
+    """``recipe`` if its settings fit together, else a :class:`ConfigError` naming the one that doesn't."""
+    if recipe.architecture != "siglip":
+        for key, value, plain in (("vision_init", recipe.vision_init, ""), ("loss", recipe.loss, "softmax")):
+            if value != plain:
+                raise ConfigError(f"{key}: {value!r} needs architecture 'siglip' (got {recipe.architecture!r})")
+    if recipe.freeze_vision != "none" and not recipe.vision_init:
+        raise ConfigError(f"freeze_vision: {recipe.freeze_vision!r} locks a pretrained image tower; name it in "
+                          "vision_init")  # fmt: skip
+    if recipe.vision_init and recipe.vision:
+        raise ConfigError(f"vision: the image tower comes from vision_init {recipe.vision_init!r}; leave vision "
+                          f"empty (got {sorted(recipe.vision)})")  # fmt: skip
+    if not recipe.vision_init and not recipe.vision:
+        raise ConfigError("vision: empty, and no vision_init tower to take the image tower from")
+    if recipe.unfreeze_at and (recipe.freeze_vision == "none" or not 0 < recipe.unfreeze_at < recipe.steps):
+        raise ConfigError(f"unfreeze_at: {recipe.unfreeze_at} needs a frozen image tower (freeze_vision) and a step "
+                          f"inside the run (1-{recipe.steps - 1})")  # fmt: skip
+    return recipe
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -119,6 +165,35 @@ def image_processor(size: int) -> Any:
 
     with _quiet_transformers():
         return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def model_processor(recipe: ClipRecipe, mean: Any = None, std: Any = None) -> Any:
+    """The image processor saved with the model: CLIP's, or SigLIP's (bicubic resize to the square, ``mean`` and
+    ``std``: those the image tower was trained with)."""
+    if recipe.architecture == "clip":
+        return image_processor(recipe.image_size)
+    from transformers import SiglipImageProcessor
+
+    from vlmkit.embeddings.encoder import _quiet_transformers
+
+    size = {"height": recipe.image_size, "width": recipe.image_size}
+    with _quiet_transformers():
+        return SiglipImageProcessor(size=size, image_mean=list(mean or (0.5,) * 3), image_std=list(std or (0.5,) * 3))
+
+
+def vlm_tower(name: str) -> tuple[Any, Any]:
+    """The transformers vision model of a vlmkit VLM (built-in name or checkpoint folder) and its image transform
+    config (size, mean, std)."""
+    from vlmkit.models.builtin import BUILTIN_MODELS
+    from vlmkit.models.compose import load_pretrained
+
+    vlm, processor = BUILTIN_MODELS.get(name).load() if name in BUILTIN_MODELS else load_pretrained(name)
+    tower = vlm.vision_tower.model
+    if tower.config.model_type != "siglip_vision_model":
+        raise ConfigError(f"vision_init: {name!r} has a {tower.config.model_type!r} tower; a SigLIP one is needed")
+    if not getattr(tower.config, "vision_use_head", False):
+        raise ConfigError(f"vision_init: {name!r}'s SigLIP tower has no pooling head (vision_use_head)")
+    return tower, processor.image_transform.config
 
 
 def _render_chunk(args: tuple[str, int, int, int, int]) -> np.ndarray:
@@ -211,7 +286,10 @@ def captions_of(scene: Any, rng: np.random.Generator, canonical: float) -> str:
 # ------------------------------------------------------------------------------------------------------ model
 
 
-def build_model(recipe: ClipRecipe, tokenizer: Any) -> Any:
+def build_model(recipe: ClipRecipe, tokenizer: Any, tower: Any = None) -> Any:
+    """A new dual encoder of ``recipe.architecture``; ``tower``: a SigLIP vision model whose weights it starts from."""
+    if recipe.architecture == "siglip":
+        return build_siglip(recipe, tokenizer, tower)
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     text = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=recipe.max_length,
@@ -225,14 +303,70 @@ def build_model(recipe: ClipRecipe, tokenizer: Any) -> Any:
     return CLIPModel(config)
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (not biases, norms, embeddings, the class token or the temperature)."""
-    decay: list[torch.nn.Parameter] = []
-    plain: list[torch.nn.Parameter] = []
+def build_siglip(recipe: ClipRecipe, tokenizer: Any, tower: Any = None) -> Any:
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig
+
+    if tower is not None:
+        vision = tower.config.to_dict()
+    else:
+        vision = SiglipVisionConfig(image_size=recipe.image_size, vision_use_head=True, **recipe.vision).to_dict()
+    if vision["image_size"] != recipe.image_size:
+        raise ConfigError(f"image_size: {recipe.image_size}, but the vision_init tower reads {vision['image_size']} px")
+    if recipe.projection_dim != vision["hidden_size"]:
+        raise ConfigError(f"projection_dim: {recipe.projection_dim}, but a SigLIP embedding is the vision width "
+                          f"({vision['hidden_size']})")  # fmt: skip
+    text = dict(vocab_size=len(tokenizer), max_position_embeddings=recipe.max_length,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, projection_size=recipe.projection_dim, **recipe.text)  # fmt: skip
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    if tower is not None:
+        model.vision_model.load_state_dict(tower.state_dict())
+    with torch.no_grad():
+        model.logit_scale.fill_(recipe.logit_scale_init)
+        model.logit_bias.fill_(recipe.logit_bias_init)
+    return model
+
+
+def vision_parameters(model: Any, part: str) -> list[torch.nn.Parameter]:
+    """The image tower's parameters that ``freeze_vision=part`` freezes (``body``: all but a SigLIP pooling head)."""
+    if part == "none":
+        return []
+    tower = model.vision_model
+    return [p for name, p in tower.named_parameters() if part == "all" or not name.startswith("head.")]
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float = 1.0,
+                     vision: list[torch.nn.Parameter] = (), vision_lr: float = 1.0) -> list[dict[str, Any]]:  # type: ignore[assignment]  # fmt: skip
+    """Weight decay on matrices only (not biases, norms, embeddings, the class token, the pooling probe or the
+    temperature and bias); ``vision`` parameters in their own groups at ``vision_lr``."""
+    own = {id(p) for p in vision}
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        no_decay = param.ndim < 2 or "embedding" in name or name == "logit_scale"
-        (plain if no_decay else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+        no_decay = param.ndim < 2 or "embedding" in name or name in ("logit_scale", "logit_bias") or "probe" in name
+        groups.setdefault((id(param) in own, no_decay), []).append(param)
+    return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr": vision_lr if tower else lr}
+            for (tower, no_decay), params in sorted(groups.items())]  # fmt: skip
+
+
+def frozen_features(model: Any, pixels: np.ndarray, processor: Any, part: str, chunk: int = 512) -> torch.Tensor:
+    """What a frozen SigLIP image tower makes of ``pixels`` (uint8), computed once: its last hidden state (``body``:
+    the trained pooling head reads it) or its embedding (``all``)."""
+    tower = model.vision_model
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), chunk):
+            output = tower(pixel_values=normalise(pixels[start : start + chunk], processor))
+            parts.append(output.last_hidden_state if part == "body" else output.pooler_output)
+    return torch.cat(parts)
+
+
+def sigmoid_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP's loss: every image-text pair of the batch a binary match / no-match, summed per text, in float32."""
+    image = torch.nn.functional.normalize(image.float(), dim=-1)
+    text = torch.nn.functional.normalize(text.float(), dim=-1)
+    logits = scale.float().exp() * text @ image.T + bias.float()
+    signs = 2 * torch.eye(len(logits)) - 1
+    return -torch.nn.functional.logsigmoid(signs * logits).sum() / len(logits)
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -263,9 +397,8 @@ def train(recipe: ClipRecipe, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(config_to_dict(recipe), indent=2) + "\n")
     started = time.perf_counter()
-    processor = image_processor(recipe.image_size)
-    pixels = cached_pixels("train", recipe.data_seed, recipe.train_scenes, recipe.image_size, recipe.cache_dir,
-                           recipe.workers)  # fmt: skip
+    tower, transform = vlm_tower(recipe.vision_init) if recipe.vision_init else (None, None)
+    processor = model_processor(recipe, *((transform.mean, transform.std) if transform else ()))
     train_scenes = [sample_scene("train", recipe.data_seed, i) for i in range(recipe.train_scenes)]
     rng = np.random.default_rng(recipe.seed)
     corpus = [captions_of(s, rng, 0.25) for s in train_scenes[:8000]]
@@ -273,13 +406,27 @@ def train(recipe: ClipRecipe, progress: bool = True) -> dict[str, Any]:
 
     corpus += [t.format("red circle") for t in TEMPLATES.get("shapes")]
     tokenizer = train_clip_bpe(corpus, recipe.vocab_size, model_max_length=recipe.max_length)
-    data_seconds = time.perf_counter() - started
-
     torch.manual_seed(recipe.seed)
-    model = build_model(recipe, tokenizer)
+    model = build_model(recipe, tokenizer, tower)  # before rendering: a tower that does not fit fails fast
+    del tower
+    pixels = cached_pixels("train", recipe.data_seed, recipe.train_scenes, recipe.image_size, recipe.cache_dir,
+                           recipe.workers)  # fmt: skip
+    data_seconds = time.perf_counter() - started
     params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=recipe.lr,
-                                  betas=tuple(recipe.betas), eps=recipe.eps)  # type: ignore[arg-type]  # fmt: skip
+    frozen = vision_parameters(model, recipe.freeze_vision)
+    tower_params = frozen if recipe.freeze_vision != "none" else vision_parameters(model, "all")
+    for param in frozen:
+        param.requires_grad_(False)
+    groups = parameter_groups(model, recipe.weight_decay, recipe.lr, tower_params, recipe.lr * recipe.vision_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas), eps=recipe.eps)  # type: ignore[arg-type]
+    padding = "max_length" if recipe.architecture == "siglip" else True  # SigLIP pools the last position
+    cached = recipe.architecture == "siglip" and recipe.freeze_vision != "none" and not recipe.unfreeze_at
+    feature_seconds = 0.0
+    if cached:  # a tower that never trains sees each image once
+        tick = time.perf_counter()
+        features = frozen_features(model, pixels, processor, recipe.freeze_vision)
+        feature_seconds = time.perf_counter() - tick
+        log.info("frozen image tower: features of %d scenes in %.1f s", len(features), feature_seconds)
     warmup = int(recipe.warmup_ratio * recipe.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, recipe.steps, warmup, recipe.min_lr_ratio)
@@ -305,6 +452,10 @@ def train(recipe: ClipRecipe, progress: bool = True) -> dict[str, Any]:
     running = []
     for step in bar:
         tick = time.perf_counter()
+        if recipe.unfreeze_at and step == recipe.unfreeze_at:
+            for param in frozen:
+                param.requires_grad_(True)
+            log.info("step %d: the image tower trains from here", step)
         if position + recipe.batch_size > len(order):
             order, position = np.random.default_rng(recipe.seed + 2 + step).permutation(recipe.train_scenes), 0
         twins = round(recipe.hard_negatives * recipe.batch_size)
@@ -316,18 +467,29 @@ def train(recipe: ClipRecipe, progress: bool = True) -> dict[str, Any]:
         if twins:
             made = [twin(batch_scenes[int(j)], rng) for j in rng.choice(base, size=twins, replace=twins > base)]
             batch_scenes += made
-            batch_pixels = np.concatenate([batch_pixels, twin_pixels(made, processor)])
-        images = normalise(batch_pixels, processor)
-        texts = tokenizer([captions_of(scene, rng, recipe.canonical) for scene in batch_scenes], padding=True,
+            made_pixels = twin_pixels(made, processor)
+        if cached:
+            hidden = features[index]
+            if twins:
+                hidden = torch.cat([hidden, frozen_features(model, made_pixels, processor, recipe.freeze_vision)])
+        else:
+            images = normalise(np.concatenate([batch_pixels, made_pixels]) if twins else batch_pixels, processor)
+        texts = tokenizer([captions_of(scene, rng, recipe.canonical) for scene in batch_scenes], padding=padding,
                           truncation=True, max_length=recipe.max_length, return_tensors="pt")  # fmt: skip
         with autocast:
-            image_features = _features(model.get_image_features(pixel_values=images))
+            if not cached:
+                image_features = _features(model.get_image_features(pixel_values=images))
+            else:
+                image_features = model.vision_model.head(hidden) if recipe.freeze_vision == "body" else hidden
             text_features = _features(model.get_text_features(input_ids=texts["input_ids"],
                                                               attention_mask=texts["attention_mask"]))  # fmt: skip
-        loss = contrastive_loss(image_features, text_features, model.logit_scale)
+        if recipe.loss == "sigmoid":
+            loss = sigmoid_loss(image_features, text_features, model.logit_scale, model.logit_bias)
+        else:
+            loss = contrastive_loss(image_features, text_features, model.logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
@@ -353,6 +515,8 @@ def train(recipe: ClipRecipe, progress: bool = True) -> dict[str, Any]:
     bar.close()
     records.close()
     final = out / "final"
+    if recipe.save_dtype == "fp16":
+        model.to(torch.float16)
     model.save_pretrained(final)
     processor.save_pretrained(final)
     tokenizer.save_pretrained(final)
@@ -360,6 +524,7 @@ def train(recipe: ClipRecipe, progress: bool = True) -> dict[str, Any]:
         "parameters": params,
         "weights_mb": round((final / "model.safetensors").stat().st_size / 1e6, 2),
         "data_minutes": round(data_seconds / 60, 2),
+        "feature_minutes": round(feature_seconds / 60, 2),
         "train_minutes": round(train_seconds / 60, 2),
         "eval_minutes": round(eval_seconds / 60, 2),
         "threads": torch.get_num_threads(),
