@@ -12,7 +12,10 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: a local CPU build is picked up; other specs would pull CUDA wheels.
 	$(PY) -m pip install --quiet torch==2.13.0
 	# the [openvino] extra (openvino, nncf: about 200 MB) so CI runs the OpenVINO export and backend tests
-	$(PY) -m pip install --quiet -e ".[dev,openvino]"
+	$(PY) -m pip install --quiet -e ".[dev,openvino,lmms-eval]"
+	# lmms-eval for the plugin's tests (docs/evaluation.md), without its declared dependencies, which would replace
+	# torch; the [lmms-eval] extra holds what it imports
+	$(PY) -m pip install --quiet --no-deps lmms-eval==0.7.3
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -46,7 +49,7 @@ default-model-proxy: $(STAMP)
 	test -f data/default/multi/train.jsonl || $(MAKE) default-model-data
 	$(TRAIN_ENV) $(PY) bench/default_model_proxy.py --name $(ARM) $(foreach s,$(SET),--set $(s))
 
-# The built-in embedding model `clip-shapes` (docs/clip-model.md): render, train (about 11 min), ship.
+# The built-in embedding model `clip-shapes` (docs/clip-model.md): render, lock the built-in VLM's tower (LiT), train, ship.
 clip-model: $(STAMP)
 	rm -rf runs/clip
 	OMP_NUM_THREADS=2 $(PY) -m vlmkit.embeddings.training recipes/clip.yaml
