@@ -218,3 +218,15 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(assets, tmp_path):
     [last] = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
     assert ckpt.checkpoint_step(last) == len(step_records(read_metrics(metrics))) >= 2
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_micro_batch_no_trainable_weight_sees_fails_nothing(assets, tmp_path):
+    """Text-only samples while only the projector trains: their loss reaches no trainable weight, so they give a
+    zero gradient (not torch's "element 0 of tensors does not require grad") and the run goes on."""
+    data = tmp_path / "text_only.jsonl"
+    data.write_text("".join(row + "\n" for row in assets.mixed.read_text().splitlines() if '"text-' in row))
+    stage = {"data": [{"path": str(data)}], "batch_size": 2, "steps": 2}
+    result = train(run_config(assets, tmp_path / "run", stage))
+    records = step_records(read_metrics(tmp_path / "run"))
+    assert [r["grad_norm"] for r in records] == [0.0, 0.0]
+    assert len(result.losses) == 2 and all(loss > 0 for loss in result.losses)

@@ -160,6 +160,12 @@ class StageConfig:
     """Sort samples by length within mega-batches so batches pad less (batch order stays random)."""
     packing: bool = False
     """Pack several samples into one row of each micro-batch (position ids restart; attention stays per sample)."""
+    streaming: Literal["auto"] | bool = "auto"
+    """Read, encode and batch the data as the stage goes (bounded memory; docs/training.md, "Streaming") instead
+    of encoding every sample first; ``auto``: when a webdataset, parquet or ``datasets`` source is in the mix and
+    the sources hold at least 100,000 records (none with a ``limit``)."""
+    shuffle_buffer: int = 2048
+    """Streaming: usable samples per shuffle window of each source (what each process holds per source)."""
 
 
 @dataclass
@@ -179,6 +185,9 @@ class TrainConfig:
     progress: bool = True
     num_workers: int = 0
     """Data-loading worker processes (0: load in the training process)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: ``ddp`` (every process holds the whole model) or ``fsdp`` (FSDP2 shards parameters,
+    gradients and optimizer state over the processes; docs/training.md). One process runs the model either way."""
 
     def validate(self) -> None:
         """Check combinations that a single field can't; raises ConfigError."""
@@ -195,6 +204,11 @@ class TrainConfig:
             raise ConfigError(f"log_every must be at least 1, got {self.log_every}")
         for i, stage in enumerate(self.stages):
             _validate_stage(stage, f"stages.{i} ({stage.name})")
+            if self.strategy == "fsdp" and stage.precision == "fp16":
+                raise ConfigError(
+                    f"stages.{i} ({stage.name}).precision: fp16 (loss scaling) is not supported with strategy "
+                    "'fsdp'; use bf16 or fp32, or strategy 'ddp'"
+                )
 
 
 def _validate_stage(stage: StageConfig, where: str) -> None:
@@ -229,6 +243,12 @@ def _validate_stage(stage: StageConfig, where: str) -> None:
         raise ConfigError(f"{where}.betas must be two numbers, got {stage.betas}")
     if stage.lora.r < 1:
         raise ConfigError(f"{where}.lora.r must be at least 1, got {stage.lora.r}")
+    if stage.streaming not in (True, False, "auto"):
+        raise ConfigError(f"{where}.streaming must be true, false or 'auto', got {stage.streaming!r}")
+    if stage.shuffle_buffer < 1:
+        raise ConfigError(f"{where}.shuffle_buffer must be at least 1, got {stage.shuffle_buffer}")
+    if stage.streaming is True and any(source.limit is not None for source in stage.data):
+        raise ConfigError(f"{where}: 'limit' needs the whole source read first; drop it or set streaming: false")
 
 
 def _check_objective(stage: StageConfig, where: str) -> None:

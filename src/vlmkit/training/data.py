@@ -1,4 +1,5 @@
-"""Training data: stage mixes loaded and encoded once, a deterministic batch plan, collation with packing.
+"""Training data: stage mixes loaded and encoded once, a deterministic batch plan, collation with packing
+(stages too big for that stream instead: :mod:`vlmkit.training.streaming`).
 
 The plan is a pure function of ``(seed, stage index, step)``: the mix is an endless stream of epochs (each as
 many samples as the sources hold, split by weight, every source drawn through fresh permutations), and global
@@ -49,6 +50,8 @@ class TrainSample:
     images: list[Any]
     """The images as given by the dataset: paths, encoded bytes or image handles (see :func:`read_samples`),
     read and decoded per batch."""
+    id: str = ""
+    """The record's id."""
 
     @property
     def length(self) -> int:
@@ -115,6 +118,21 @@ def check_source(source: DataSource, where: str) -> None:
         raise DataError(f"{where}: {exc}") from exc
 
 
+def encode_sample(sample: Any, processor: VLMProcessor, max_length: int | None) -> TrainSample | str:
+    """One sample encoded for training, or why it is skipped (``too_long``, ``no_target``); a sample the
+    processor rejects raises its ProcessingError."""
+    encoded = processor.encode(sample.messages, sample.images, train=True, name=sample.id, pixels=False)
+    images = list(sample.images)
+    order = encoded.image_order if encoded.image_order is not None else range(len(images))
+    item = TrainSample(array("i", encoded.input_ids), array("i", encoded.labels or []),
+                       encoded.image_token_counts, [images[i] for i in order], sample.id)  # fmt: skip
+    if max_length is not None and item.length > max_length:
+        return "too_long"
+    if item.targets == 0:
+        return "no_target"
+    return item
+
+
 def encode_source(source: DataSource, processor: VLMProcessor, max_length: int | None, where: str) -> SourceData:
     """Read and encode every sample of a source; over-long or target-less samples are skipped and counted."""
     try:
@@ -126,20 +144,14 @@ def encode_source(source: DataSource, processor: VLMProcessor, max_length: int |
         if source.limit is not None and len(out.samples) >= source.limit:
             break
         try:
-            encoded = processor.encode(sample.messages, sample.images, train=True, name=sample.id, pixels=False)
+            item = encode_sample(sample, processor, max_length)
         except ProcessingError as exc:
             if not source.skip_bad:
                 raise DataError(f"{where}: sample {sample.id!r}: {exc}") from exc
             out.skipped["unencodable"] += 1
             continue
-        images = list(sample.images)
-        order = encoded.image_order if encoded.image_order is not None else range(len(images))
-        item = TrainSample(array("i", encoded.input_ids), array("i", encoded.labels or []),
-                           encoded.image_token_counts, [images[i] for i in order])  # fmt: skip
-        if max_length is not None and item.length > max_length:
-            out.skipped["too_long"] += 1
-        elif item.targets == 0:
-            out.skipped["no_target"] += 1
+        if isinstance(item, str):
+            out.skipped[item] += 1
         else:
             out.samples.append(item)
     out.skipped.update(getattr(dataset, "problems", {}))

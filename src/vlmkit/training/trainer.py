@@ -1,4 +1,4 @@
-"""The training loop: stages in order, exact resume, DDP, signals, checkpoints and records.
+"""The training loop: stages in order, exact resume, DDP or FSDP, signals, checkpoints and records.
 
 One step loop serves every objective; what a stage trains, its batches and its loss come from the objective
 registered under its ``objective`` name (:mod:`vlmkit.training.objectives`).
@@ -98,6 +98,7 @@ class _Stage:
     scheduler: Any
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
+    parallel: dist_utils.Parallel
 
 
 def train(
@@ -167,6 +168,7 @@ class Trainer:
         self.losses: list[float] = []
         self.global_step = 0
         self.last_checkpoint: Path | None = None
+        self._reload_from: Path | None = None
         self.model: VisionLanguageModel
         self.processor: VLMProcessor
 
@@ -190,6 +192,15 @@ class Trainer:
             dist_utils.barrier(self.env)
             tokenizer = str(folder)
         self.model, self.processor = build_model(spec, tokenizer)
+
+    def _reload_model(self, checkpoint: Path) -> None:
+        """Load the model of ``checkpoint`` on every rank, as a resume would (a stage under fsdp leaves only shards);
+        building it draws no random numbers the run would see."""
+        rng = ckpt.rng_state()
+        self.model, _ = load_pretrained(checkpoint / ckpt.MODEL_DIR)
+        self.model.to(self.env.device)
+        ckpt.set_rng_state(rng)
+        self._reload_from = None
 
     def _seed_training(self) -> None:
         """Seed dropout and friends per rank (a resumed run then restores the saved states instead)."""
@@ -275,25 +286,31 @@ class Trainer:
     def _run_stage(self, index: int, state: dict[str, Any] | None, resume_from: Path | None) -> StageResult:
         """One stage from its start (or the resumed step) to its end or a stop: the same loop for every objective."""
         stage, env = self.config.stages[index], self.env
+        if self._reload_from is not None:  # the last stage sharded the model: continue from its checkpoint
+            self._reload_model(self._reload_from)
         objective = OBJECTIVES.get(stage.objective)()
         context = StageRun(self.model, self.processor, stage, index, env, self.config.seed, self.config.num_workers)
         setup = objective.start(context)
         if state is not None and resume_from is not None and (resume_from / ckpt.TRAINING_STATE).is_file():
             load_model(self.model, str(resume_from / ckpt.TRAINING_STATE), strict=True, device=str(env.device))
         counts = trainable_counts(self.model)
-        optimizer, scheduler = build_optimizer(setup.param_groups, stage, setup.total)
         amp_dtype = resolve_precision(stage.precision, env.device)
+        if self.config.strategy == "fsdp" and env.distributed and setup.module is not self.model:
+            raise ConfigError(f"stage {stage.name!r}: the {stage.objective!r} objective can't run under strategy "
+                              "'fsdp' (it trains a module other than the model); use strategy 'ddp'")  # fmt: skip
+        parallel = dist_utils.wrap(setup.module, env, self.config.strategy, amp_dtype)
+        optimizer, scheduler = build_optimizer(parallel.param_groups(setup.param_groups), stage, setup.total)
         scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
-        run = _Stage(stage, index, objective, setup, optimizer, scheduler, scaler, amp_dtype)
+        run = _Stage(stage, index, objective, setup, optimizer, scheduler, scaler, amp_dtype, parallel)
         if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            parallel.load_optimizer_state(optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             objective.load_state_dict(state.get("objective") or {})
         self._log_stage_start(run, counts)
 
-        module = dist_utils.wrap(setup.module, env)
+        module = parallel.module
         if state is not None:
             ckpt.set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0])
         total = setup.total
@@ -333,6 +350,8 @@ class Trainer:
         self._emit({"event": "stage_end", "step": self.global_step, "stage": stage.name, "stage_step": step,
                     "plot": str(plot) if plot else None})  # fmt: skip
         del module
+        if parallel.sharded and step == total:
+            self._reload_from = self.last_checkpoint
         before, after = setup.padding
         return StageResult(stage.name, step - start, counts, before, after, setup.samples, setup.skipped, plot)
 
@@ -372,7 +391,7 @@ class Trainer:
         extras: dict[str, Any] = {}  # the objective's record fields, from the last micro-batch
         for a, micro in enumerate(batch.micro):
             sync = a == batch.accum - 1 or not env.distributed
-            with nullcontext() if sync else module.no_sync():
+            with nullcontext() if sync else run.parallel.no_sync():
                 try:
                     value, extras = self._micro_step(module, micro, scale, run)
                 except torch.OutOfMemoryError as exc:
@@ -387,7 +406,7 @@ class Trainer:
         scaler.unscale_(optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         max_norm = stage.max_grad_norm if stage.max_grad_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = run.parallel.clip_grad_norm(params, max_norm)
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         scaler.step(optimizer)
         scaler.update()
@@ -404,6 +423,11 @@ class Trainer:
         device, amp_dtype = self.env.device, run.amp_dtype
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss, extras = run.objective.loss(module, batch)
+        if not loss.requires_grad:
+            # no trainable weight on this micro-batch's path (e.g. text only while only the projector trains): a
+            # zero-valued graph over them gives zero gradients, and keeps every rank's gradient collectives matched
+            params = [p for g in run.optimizer.param_groups for p in g["params"]]
+            loss = loss + sum((p.sum() * 0.0 for p in params), loss.new_zeros(()))
         run.scaler.scale(loss * scale).backward()
         return float(loss.detach()), extras
 
@@ -411,10 +435,14 @@ class Trainer:
     def _save(self, stage_step: int, run: _Stage) -> None:
         env, scaler = self.env, run.scaler
         rngs = dist_utils.gather(ckpt.rng_state(), env)
+        model = run.parallel.full_model(self.model)  # collective under fsdp: every rank sends its shards
+        optimizer_state = run.parallel.optimizer_state(run.optimizer)
         if env.is_main:
+            assert model is not None and optimizer_state is not None
+            self.model = model  # type: ignore[assignment]  # under fsdp: rank 0's unsharded copy
             position = {"global_step": self.global_step, "stage_index": run.index, "stage": run.config.name,
                         "stage_step": stage_step, "stage_steps": run.setup.total}  # fmt: skip
-            state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            state = {"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rngs,
                      "position": position, "objective": run.objective.state_dict()}  # fmt: skip
 

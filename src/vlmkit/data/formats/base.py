@@ -7,7 +7,7 @@ import re
 import shutil
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -156,6 +156,36 @@ class SampleDataset(ABC):
             )
         images = [self._load_image(where, ref, payload) for ref in refs]
         return Sample(parsed.id, messages, images, parsed.task, parsed.meta)
+
+    def units(self) -> list[Any]:
+        """The pieces this dataset reads from independently, in file order: a tar shard, a parquet row group, a
+        block of ``datasets`` rows; one (the whole dataset) for formats without any. Streaming training shuffles
+        and shares out units and resumes inside one (:meth:`read_unit`)."""
+        return [None]
+
+    def _unit_entries(self, unit: Any) -> Iterator[tuple[str, Any]]:
+        """The raw entries of one unit of :meth:`units`, as :meth:`_entries` yields them."""
+        return self._entries()
+
+    def read_unit(
+        self, unit: Any, start: int = 0, keep: Callable[[int], bool] | None = None
+    ) -> Iterator[tuple[int, Sample | RecordError | None]]:
+        """Entries ``start``, ``start + 1``, ... of ``unit``, each as its index in the unit and its
+        :class:`Sample`, or the :class:`RecordError` that makes it bad (whatever ``skip_bad``: the caller counts
+        or raises); an entry ``keep(index)`` refuses is not converted (None). Entries before ``start`` are
+        passed over unconverted, so resuming inside a unit decodes nothing twice."""
+        for index, (where, payload) in enumerate(self._unit_entries(unit)):
+            if index < start:
+                continue
+            if keep is not None and not keep(index):
+                yield index, None
+                continue
+            try:
+                if isinstance(payload, RecordError):
+                    raise payload
+                yield index, self._convert(where, payload)
+            except RecordError as exc:
+                yield index, exc
 
     def __iter__(self) -> Iterator[Sample]:
         self.problems = Counter()

@@ -21,6 +21,8 @@ from vlmkit.data.formats.registry import FormatSpec, register_format
 from vlmkit.errors import DataError
 
 _HF_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
+UNIT_ROWS = 256
+"""Rows per unit of a ``datasets`` folder (what streaming training shuffles and shares out)."""
 
 
 def find_embedded(record: dict[str, Any], data: bytes) -> tuple[str, int | None] | None:
@@ -101,6 +103,17 @@ class HfDataset(SampleDataset):
             for record in table.to_pylist():
                 yield f"{self.path}: row {row}", (row, record)
                 row += 1
+
+    def units(self) -> list[Any]:
+        """Blocks of :data:`UNIT_ROWS` rows, as ``(first row, end)``."""
+        n = len(self)
+        return [(a, min(a + UNIT_ROWS, n)) for a in range(0, n, UNIT_ROWS)] or [(0, 0)]
+
+    def _unit_entries(self, unit: Any) -> Iterator[tuple[str, Any]]:
+        arrow = self._dataset().with_format("arrow")
+        for a in range(unit[0], unit[1], 64):
+            for k, record in enumerate(arrow[a : min(a + 64, unit[1])].to_pylist()):
+                yield f"{self.path}: row {a + k}", (a + k, record)
 
     def _record_of(self, payload: Any) -> Any:
         return payload[1]

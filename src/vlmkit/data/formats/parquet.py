@@ -110,23 +110,41 @@ class ParquetDataset(SampleDataset):
                 total += pq.ParquetFile(file).metadata.num_rows
         return total
 
-    def _entries(self) -> Iterator[tuple[str, Any]]:
+    def units(self) -> list[Any]:
+        """Every file's row groups, in order, as ``(file, group)``; a file that can't be opened is one unit
+        (reading it reports the problem)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        out: list[Any] = []
         for file in self._files():
-            row = 0
             try:
-                parquet = pq.ParquetFile(file)
-                for group in range(parquet.num_row_groups):
-                    in_group = 0
-                    for batch in parquet.iter_batches(batch_size=BATCH_SIZE, row_groups=[group]):
-                        for record in batch.to_pylist():
-                            yield f"{file}: row {row}", (str(file), group, in_group, record)
-                            row, in_group = row + 1, in_group + 1
-            except (OSError, pa.ArrowException) as exc:
-                where = f"{file}: row {row}"
-                yield where, RecordError(where, "bad_shard", f"truncated or corrupt parquet file ({exc})")
+                groups = pq.ParquetFile(file).num_row_groups
+            except (OSError, pa.ArrowException):
+                groups = 1
+            out += [(str(file), group) for group in range(groups)]
+        return out
+
+    def _entries(self) -> Iterator[tuple[str, Any]]:
+        for unit in self.units():
+            yield from self._unit_entries(unit)
+
+    def _unit_entries(self, unit: Any) -> Iterator[tuple[str, Any]]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        file, group = Path(unit[0]), unit[1]
+        row = in_group = 0
+        try:
+            parquet = pq.ParquetFile(file)
+            row = sum(parquet.metadata.row_group(g).num_rows for g in range(group))
+            for batch in parquet.iter_batches(batch_size=BATCH_SIZE, row_groups=[group]):
+                for record in batch.to_pylist():
+                    yield f"{file}: row {row}", (str(file), group, in_group, record)
+                    row, in_group = row + 1, in_group + 1
+        except (OSError, pa.ArrowException) as exc:
+            where = f"{file}: row {row}"
+            yield where, RecordError(where, "bad_shard", f"truncated or corrupt parquet file ({exc})")
 
     def _record_of(self, payload: Any) -> Any:
         return payload[3]

@@ -141,28 +141,36 @@ class WebDataset(SampleDataset):
             self._length = keys
         return self._length
 
+    def units(self) -> list[Any]:
+        """The shards, in order."""
+        return [str(shard) for shard in _wds_shards(self.path)]
+
     def _entries(self) -> Iterator[tuple[str, Any]]:
         for shard in _wds_shards(self.path):
-            try:
-                for sample in _samples(shard):
-                    sample["__shard__"] = str(shard)
-                    where = f"{shard}: sample {sample['__key__']!r}"
-                    record: Any = {}
-                    if "json" in sample:
-                        try:
-                            record = json.loads(sample["json"].decode("utf-8"))
-                        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                            error = RecordError(where, "bad_json", f"{sample['__key__']}.json is malformed ({exc})")
-                            yield where, error
-                            continue
-                    elif "txt" not in sample:
-                        yield where, RecordError(where, "missing_field", "no .json member")
+            yield from self._unit_entries(str(shard))
+
+    def _unit_entries(self, unit: Any) -> Iterator[tuple[str, Any]]:
+        shard = Path(unit)
+        try:
+            for sample in _samples(shard):
+                sample["__shard__"] = str(shard)
+                where = f"{shard}: sample {sample['__key__']!r}"
+                record: Any = {}
+                if "json" in sample:
+                    try:
+                        record = json.loads(sample["json"].decode("utf-8"))
+                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                        error = RecordError(where, "bad_json", f"{sample['__key__']}.json is malformed ({exc})")
+                        yield where, error
                         continue
-                    if isinstance(record, dict) and "txt" in sample and not _has_text(record):
-                        record = {**record, "caption": sample["txt"].decode("utf-8", errors="replace")}
-                    yield where, (record, sample)
-            except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
-                yield str(shard), RecordError(str(shard), "bad_shard", f"truncated or corrupt tar shard ({exc})")
+                elif "txt" not in sample:
+                    yield where, RecordError(where, "missing_field", "no .json member")
+                    continue
+                if isinstance(record, dict) and "txt" in sample and not _has_text(record):
+                    record = {**record, "caption": sample["txt"].decode("utf-8", errors="replace")}
+                yield where, (record, sample)
+        except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+            yield str(shard), RecordError(str(shard), "bad_shard", f"truncated or corrupt tar shard ({exc})")
 
     def _default_id(self, payload: Any) -> str | None:
         return str(payload[1]["__key__"])

@@ -40,6 +40,8 @@ class GridLabels:
                 f"{where}: objective grid_labels trains the vision tower alone; set policy "
                 "{vision: full, projector: frozen, language_model: frozen}"
             )
+        if stage.streaming is True:
+            raise ConfigError(f"{where}: objective grid_labels reads its images first; drop streaming: true")
 
     def start(self, run: StageRun) -> StageSetup:
         stage, env, where = run.stage, run.env, run.where
