@@ -208,24 +208,31 @@ def linear_probe(train: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...]
 
 
 @torch.no_grad()
+def tower_features(tower: Any, processor: Any, grid: int, split: str, seed: int, n: int) -> tuple[torch.Tensor, ...]:
+    """(features, labels, kinds) of :func:`reading_views`."""
+    views, labels, kinds = reading_views(split, seed, n, processor, grid)
+    return torch.cat([tower(views[i : i + 256].float()) for i in range(0, len(views), 256)]), labels, kinds
+
+
+@torch.no_grad()
 def probe_tower(tokenizer: Any, state: dict[str, torch.Tensor], args) -> dict[str, Any]:
-    """What the frozen tower's features say about the word, per kind of view: a linear probe's held-out accuracy."""
-    model, processor = compose(tokenizer, modes(args.grid)["anyres"][0])
-    model.vision_tower.load_state_dict(state)
-    tower = model.vision_tower.eval()
+    """What the frozen tower's features say about the word, per kind of view (the whole canvas; the word's tile of
+    a 2×2 and of a ``grid`` × ``grid`` cut): a linear probe's held-out accuracy."""
     t0 = time.perf_counter()
-
-    def features(split: str, seed: int, n: int) -> tuple[torch.Tensor, ...]:
-        views, labels, kinds = reading_views(split, seed, n, processor, args.grid)
-        return torch.cat([tower(views[i : i + 256].float()) for i in range(0, len(views), 256)]), labels, kinds
-
-    train, test = features("train", args.seed + 1, args.probe_n), features("test", 1, args.eval_n)
-    names = {1: "whole canvas, one 96-px view", 2: f"the word's tile ({args.grid}x{args.grid})"}
-    with torch.enable_grad():
-        result = {name: round(linear_probe(tuple(t[train[2] == k] for t in train[:2]),
-                                           tuple(t[test[2] == k] for t in test[:2])), 3)
-                  for k, name in names.items()}  # fmt: skip
-    return {"linear_probe": result, "train_views": len(train[0]), "s": round(time.perf_counter() - t0)}
+    result: dict[str, float] = {}
+    for grid in sorted({2, args.grid}):
+        pinpoints = [[96 * k, 96 * k] for k in range(2, grid + 1)]
+        model, processor = compose(tokenizer, ViewsConfig("anyres", {"grid_pinpoints": pinpoints}))
+        model.vision_tower.load_state_dict(state)
+        tower = model.vision_tower.eval()
+        train = tower_features(tower, processor, grid, "train", args.seed + 1, args.probe_n)
+        test = tower_features(tower, processor, grid, "test", 1, args.eval_n)
+        names = {1: "whole canvas, one 96-px view", 2: f"the word's tile ({grid}x{grid})"}
+        with torch.enable_grad():
+            for kind, name in names.items():
+                picked = (tuple(t[train[2] == kind] for t in train[:2]), tuple(t[test[2] == kind] for t in test[:2]))
+                result[name] = round(linear_probe(*picked), 3)
+    return {"linear_probe": result, "s": round(time.perf_counter() - t0)}
 
 
 def lr_factor(steps: int) -> Any:
