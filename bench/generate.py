@@ -1,6 +1,10 @@
 """Generation speed: vlmkit's engine vs transformers' own generate() on the identical model and prompts.
 
-Prints JSON. Greedy, fixed length (no early stop), outputs compared token by token. Also times `describe`
+Prints JSON. Greedy, fixed length (no early stop), outputs compared token by token; vlmkit's engine both with
+eager decoding (transformers' DynamicCache) and with the compiled decode step (static KV cache, torch.compile),
+the compile (the first call at each batch size) timed apart and excluded. Wall-clock seconds and this process's
+CPU seconds are both reported (the CPU figures hold on a shared machine), and the CPU time of one decoding step
+(a 1-token run subtracted). The engine's image and prefix caches are off unless --reuse-caches. Also times `describe`
 (batched) against the per-image loop of seed 000 (one image at a time through generate(), cache cleared after
 each). The model is a random-weight SigLIP + Llama composite sized like the built-in model, unless --model names
 a vlmkit checkpoint.
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -48,19 +53,21 @@ def hf_generate(vlm: VLM, convs: list[list[dict]], new_tokens: int) -> list[list
     return [row.tolist() for row in out]
 
 
-def vlmkit_generate(vlm: VLM, convs: list[list[dict]], new_tokens: int) -> list[list[int]]:
+def vlmkit_generate(vlm: VLM, convs: list[list[dict]], new_tokens: int, decode: str = "eager") -> list[list[int]]:
+    vlm.engine.set_decode(decode)
     results = vlm.engine.generate(convs, GenerationOptions(max_new_tokens=new_tokens))
     return [r.token_ids for r in results]
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
+def timed(fn, repeats: int) -> tuple[float, float, object]:
+    """Best wall and CPU seconds of ``repeats`` calls after a warm-up call."""
     fn()  # warm-up
-    best, result = float("inf"), None
+    best, best_cpu, result = float("inf"), float("inf"), None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        best, best_cpu = min(best, time.perf_counter() - start), min(best_cpu, time.process_time() - cpu)
+    return best, best_cpu, result
 
 
 def per_image_loop(vlm: VLM, paths: list[Path], prompt: str, new_tokens: int) -> list[list[int]]:
@@ -79,25 +86,55 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--describe-images", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--reuse-caches", action="store_true",
+                        help="keep the engine's image and prefix caches on (repeats then hit them)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     vlm = bench_model(args.model)
     vlm.engine.stop_ids = set()  # fixed-length generation for both sides
+    if not args.reuse_caches:  # repeats would reuse the image features and prompt KV: measure decoding alone
+        vlm.configure_caches(image_cache_mb=0, prefix_cache_mb=0)
     vlm.model.language_model.generation_config.eos_token_id = None
     pics = shapes_images(32)
     report: dict = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "new_tokens": args.new_tokens, "generate": []}  # fmt: skip
+                    "torch": torch.__version__, "load_average": os.getloadavg()[0],
+                    "reuse_caches": args.reuse_caches, "new_tokens": args.new_tokens, "generate": []}  # fmt: skip
+    vlm.engine.set_decode("compiled")
+    decoder = vlm.engine.decoder()
     for size in (int(b) for b in args.batches.split(",")):
         convs = conversations(size, pics)
-        t_hf, out_hf = timed(lambda c=convs: hf_generate(vlm, c, args.new_tokens), args.repeats)
-        t_vk, out_vk = timed(lambda c=convs: vlmkit_generate(vlm, c, args.new_tokens), args.repeats)
+        compiled_before = decoder.compile_seconds
+        start = time.perf_counter()
+        vlmkit_generate(vlm, convs, args.new_tokens, "compiled")  # compiles this batch's shape
+        first_call = time.perf_counter() - start
+        t_hf, c_hf, out_hf = timed(lambda c=convs: hf_generate(vlm, c, args.new_tokens), args.repeats)
+        t_eager, c_eager, out_eager = timed(lambda c=convs: vlmkit_generate(vlm, c, args.new_tokens), args.repeats)
+        t_comp, c_comp, out_comp = timed(
+            lambda c=convs: vlmkit_generate(vlm, c, args.new_tokens, "compiled"), args.repeats
+        )
+        # the same with one new token (prefill + first token): the difference is the decoding steps alone
+        one = {name: timed(lambda c=convs, f=fn: f(c), args.repeats)[1] for name, fn in (
+            ("hf", lambda c: hf_generate(vlm, c, 1)), ("eager", lambda c: vlmkit_generate(vlm, c, 1)),
+            ("compiled", lambda c: vlmkit_generate(vlm, c, 1, "compiled")))}  # fmt: skip
+        step = {name: max(cpu - one[name], 1e-9) / (args.new_tokens - 1) for name, cpu in
+                (("hf", c_hf), ("eager", c_eager), ("compiled", c_comp))}  # fmt: skip
         tokens = size * args.new_tokens
-        print(size, t_hf, t_vk, file=sys.stderr)
+        print(size, t_hf, t_eager, t_comp, file=sys.stderr)
         report["generate"].append({
-            "batch": size, "outputs_match": out_hf == out_vk,
-            "transformers_tokens_per_s": round(tokens / t_hf, 1), "vlmkit_tokens_per_s": round(tokens / t_vk, 1),
-            "speedup": round(t_hf / t_vk, 2),
+            "batch": size, "eager_outputs_match": out_hf == out_eager, "compiled_outputs_match": out_hf == out_comp,
+            "transformers_tokens_per_s": round(tokens / t_hf, 1),
+            "eager_tokens_per_s": round(tokens / t_eager, 1), "compiled_tokens_per_s": round(tokens / t_comp, 1),
+            "eager_speedup": round(t_hf / t_eager, 2), "compiled_speedup": round(t_hf / t_comp, 2),
+            "eager_speedup_cpu": round(c_hf / c_eager, 2), "compiled_speedup_cpu": round(c_hf / c_comp, 2),
+            "step_cpu_ms": {name: round(value * 1e3, 2) for name, value in step.items()},
+            "compiled_step_speedup_cpu": round(step["hf"] / step["compiled"], 2),
+            "compile_s": round(decoder.compile_seconds - compiled_before, 1), "first_call_s": round(first_call, 1),
+            "compile_failed": None if decoder.error is None else repr(decoder.error),
         })  # fmt: skip
+    vlm.engine.set_decode("eager")
+    if not args.describe_images:
+        print(json.dumps(report, indent=2))
+        return
     folder = Path(sys.argv[0]).resolve().parent / ".bench_images"
     folder.mkdir(exist_ok=True)
     paths = []

@@ -1,8 +1,12 @@
-"""Server load test: 1, 8 and 32 concurrent streaming clients on loopback, each for a bounded time.
+"""Server load test: 1, 8, 32 and 64 concurrent streaming clients on loopback, each for a bounded time.
 
 Prints JSON: per concurrency level the errors (must be 0), p50/p99 time to first token and aggregate tokens/s,
 plus the ratio of aggregate tokens/s at the highest level to one client's. Every request asks for a fixed number
-of tokens (the model's stop tokens are disabled), with a ShapesWorld image as a data URL.
+of tokens (the model's stop tokens are disabled), with a ShapesWorld image as a data URL. Half the clients
+share one image and a system prompt (their questions vary); every request of the other half sends an image no
+other request sends. The highest level runs again with the engine's caches off (``caches_off``), and the
+caches' figures of the run are reported. ``--engine-alone`` first times the engine without the server (one
+``generate()`` batch at the lowest and the highest level): the ceiling the server's batching works under.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ import argparse
 import asyncio
 import base64
 import io
+import itertools
 import json
 import socket
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
+import torch
 import uvicorn
 from common import bench_model, shapes_images
 
@@ -30,9 +37,10 @@ def image_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-async def client(url: str, body: dict, until: float, stats: dict) -> None:
+async def client(url: str, bodies, until: float, stats: dict) -> None:
     async with httpx.AsyncClient(timeout=120) as http:
         while time.perf_counter() < until:
+            body = next(bodies)
             start = time.perf_counter()
             first = None
             try:
@@ -59,10 +67,19 @@ async def client(url: str, body: dict, until: float, stats: dict) -> None:
                 stats["ttft"].append(first)
 
 
-async def level(url: str, body: dict, clients: int, seconds: float) -> dict:
+def bodies_for(client_index: int, shared: dict, unique) -> Iterator[dict]:
+    """Even clients: the shared image and system prompt, questions in turn; odd ones: an image of their own each
+    request."""
+    if client_index % 2 == 0:
+        return (body(shared["image"], QUESTIONS[i % len(QUESTIONS)], SYSTEM) for i in itertools.count(client_index))
+    return (body(next(unique), QUESTIONS[client_index % len(QUESTIONS)], None) for _ in itertools.count())
+
+
+async def level(url: str, shared: dict, unique, clients: int, seconds: float) -> dict:
     stats = {"errors": 0, "tokens": 0, "requests": 0, "ttft": []}
     start = time.perf_counter()
-    await asyncio.gather(*(client(url, body, start + seconds, stats) for _ in range(clients)))
+    await asyncio.gather(*(client(url, bodies_for(i, shared, unique), start + seconds, stats)
+                           for i in range(clients)))  # fmt: skip
     elapsed = time.perf_counter() - start
     ttft = sorted(stats["ttft"]) or [float("nan")]
     p99 = ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]
@@ -73,35 +90,92 @@ async def level(url: str, body: dict, clients: int, seconds: float) -> dict:
     }  # fmt: skip
 
 
+SYSTEM = "You are a careful assistant that describes pictures of shapes. Answer briefly and precisely."
+QUESTIONS = ["Describe it.", "What colour is the large shape?", "How many objects are there?",
+             "Where is the red circle?"]  # fmt: skip
+MAX_TOKENS = 32
+
+
+def body(url: str, question: str, system: str | None) -> dict:
+    picture = {"type": "image_url", "image_url": {"url": url}}
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": [picture, {"type": "text", "text": question}]})
+    return {"model": "bench", "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "messages": messages}  # fmt: skip
+
+
+def unique_images(base) -> Iterator[str]:
+    """Data URLs of ``base`` with one pixel changed each time: no two alike."""
+    for i in itertools.count():
+        image = base.copy()
+        image.putpixel((i % image.width, (i // image.width) % image.height), ((i * 37) % 256, (i * 91) % 256, i % 256))
+        yield image_url(image)
+
+
+def engine_alone(vlm, pictures, levels: list[int]) -> dict:
+    """The engine without the server: one ``generate()`` batch of ``n`` prompts (distinct images, caches off),
+    tokens/s at the lowest and the highest level: the ceiling the server's batching works under."""
+    from vlmkit.inference.options import GenerationOptions
+
+    before = vlm.engine.cache_config
+    vlm.configure_caches(image_cache_mb=0, prefix_cache_mb=0)
+    out = {}
+    for n in (levels[0], levels[-1]):
+        convs = [[{"role": "user", "content": [{"type": "image", "image": pictures[i % len(pictures)]},
+                                               {"type": "text", "text": QUESTIONS[0]}]}] for i in range(n)]  # fmt: skip
+        start = time.perf_counter()
+        vlm.engine.generate(convs, GenerationOptions(max_new_tokens=MAX_TOKENS))
+        out[f"batch_{n}_tokens_per_s"] = round(n * MAX_TOKENS / (time.perf_counter() - start), 1)
+    vlm.engine.configure_caches(before)  # as they were, empty
+    return out
+
+
 def main() -> None:
+    global MAX_TOKENS
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="a vlmkit checkpoint (default: the random bench model)")
-    parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument("--levels", default="1,8,32,64")
     parser.add_argument("--seconds", type=float, default=20.0, help="time per concurrency level")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument("--no-compare", action="store_true", help="skip the caches-off run of the highest level")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--engine-alone", action="store_true",
+                        help="also time the engine without the server at the lowest and highest level")  # fmt: skip
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    MAX_TOKENS = args.max_tokens
     vlm = bench_model(args.model)
     vlm.engine.stop_ids = set()
+    levels = [int(n) for n in args.levels.split(",")]
+    alone = engine_alone(vlm, shapes_images(levels[-1]), levels) if args.engine_alone else None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(vlm, ServerSettings(model_name="bench", max_batch=64)),
-                                           host="127.0.0.1", port=port, log_level="error"))  # fmt: skip
+    settings = ServerSettings(model_name="bench", max_batch=max(64, max(levels)))
+    server = uvicorn.Server(uvicorn.Config(create_app(vlm, settings), host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    picture = {"type": "image_url", "image_url": {"url": image_url(shapes_images(1)[0])}}
-    body = {"model": "bench", "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": [picture, {"type": "text", "text": "Describe it."}]}]}  # fmt: skip
+    pictures = shapes_images(2)
+    shared = {"image": image_url(pictures[0])}
+    unique = unique_images(pictures[1])
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    results = [asyncio.run(level(url, body, int(n), args.seconds)) for n in args.levels.split(",")]
+    results = [asyncio.run(level(url, shared, unique, n, args.seconds)) for n in levels]
+    report = {"model": vlm.name, "max_tokens": args.max_tokens, "threads": torch.get_num_threads(), "levels": results,
+              "scaling": round(results[-1]["tokens_per_s"] / results[0]["tokens_per_s"], 2),
+              "caches": vlm.cache_stats()}  # fmt: skip
+    if not args.no_compare:
+        vlm.configure_caches(image_cache_mb=0, prefix_cache_mb=0)  # between levels: nothing in flight
+        off = asyncio.run(level(url, shared, unique_images(pictures[1].transpose(0)), levels[-1], args.seconds))
+        report["caches_off"] = {**off, "scaling": round(off["tokens_per_s"] / results[0]["tokens_per_s"], 2)}
+        results = [*results, off]
+    if alone is not None:
+        report["engine_alone"] = alone
+    report["errors"] = sum(r["errors"] for r in results)
     server.should_exit = True
     thread.join(10)
-    report = {"model": vlm.name, "max_tokens": args.max_tokens, "levels": results,
-              "scaling": round(results[-1]["tokens_per_s"] / results[0]["tokens_per_s"], 2),
-              "errors": sum(r["errors"] for r in results)}  # fmt: skip
     print(json.dumps(report, indent=2))
 
 

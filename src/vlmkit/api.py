@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from vlmkit.backends import Backend, load_model
 from vlmkit.devices import resolve_device, resolve_dtype
 from vlmkit.errors import ConfigError
+from vlmkit.inference.caches import CacheConfig
 from vlmkit.inference.engine import Conversation, Engine
 from vlmkit.inference.options import (
     ENCODING_OPTIONS,
@@ -99,6 +101,43 @@ class VLM:
     def notice(self) -> str | None:
         """A one-time message the CLI shows for demo models (None for real checkpoints)."""
         return BUILTIN_MODELS.get(self.name).notice if self.name in BUILTIN_MODELS else None
+
+    def configure_caches(
+        self, image_cache_mb: float | None = None, prefix_cache_mb: float | None = None, block_size: int | None = None
+    ) -> None:
+        """Resize the engine's image-feature and KV prefix caches (emptied; 0 turns one off; None keeps a size).
+
+        A backend without these caches (transformers, OpenVINO) refuses any size but 0, naming the option."""
+        given = {name: value for name, value in (("image_cache_mb", image_cache_mb),
+                 ("prefix_cache_mb", prefix_cache_mb), ("block_size", block_size)) if value is not None}  # fmt: skip
+        configure = getattr(self.engine, "configure_caches", None)
+        if configure is None:
+            asked = [name for name, value in given.items() if name == "block_size" or value]
+            if asked:
+                raise ConfigError(
+                    f"{', '.join(asked)}: the {type(self.engine).__name__} backend has no image-feature or prefix "
+                    "cache (only vlmkit's own engine has); leave the option unset or 0"
+                )
+            return
+        configure(dataclasses.replace(getattr(self.engine, "cache_config", CacheConfig()), **given))
+
+    def set_decode(self, mode: str) -> None:
+        """``"compiled"`` (a static KV cache and a ``torch.compile``'d decode step), ``"eager"`` or ``"auto"``
+        (compiled on CUDA): :meth:`Engine.set_decode`. Other backends refuse ``"compiled"``, naming the option."""
+        setter = getattr(self.engine, "set_decode", None)
+        if setter is not None:
+            setter(mode)
+        elif mode not in ("auto", "eager"):
+            raise ConfigError(
+                f"decode={mode!r}: the {type(self.engine).__name__} backend has no compiled decode step (only "
+                "vlmkit's own engine has); use 'auto' or 'eager'"
+            )
+
+    def cache_stats(self) -> dict[str, Any] | None:
+        """The engine's cache figures (hits, lookups, bytes: :meth:`Engine.cache_stats`); None for a backend
+        without caches."""
+        stats = getattr(self.engine, "cache_stats", None)
+        return stats() if callable(stats) else None
 
     def close(self) -> None:
         """Free the model: the engine releases what it holds (an OpenVINO backend its compiled models and KV
@@ -193,17 +232,28 @@ def load(
     device: str = "auto",
     dtype: str | torch.dtype = "auto",
     allow_remote_images: bool = False,
+    *,
+    image_cache_mb: float | None = None,
+    prefix_cache_mb: float | None = None,
+    decode: str | None = None,
 ) -> VLM:
     """Load ``"default"``, ``"tiny-random"``, a local model folder (vlmkit, LLaVA or another transformers VLM) or
     a hub id, with the backend that runs it (:mod:`vlmkit.backends`).
 
     Images in conversations may be paths, bytes, PIL images or data URLs; http(s) URLs only with
-    ``allow_remote_images=True``.
+    ``allow_remote_images=True``. ``image_cache_mb`` / ``prefix_cache_mb``: sizes of the native engine's
+    image-feature and KV prefix caches (None: the defaults of :class:`~vlmkit.inference.caches.CacheConfig`;
+    0: off); see :meth:`VLM.configure_caches`. ``decode``: how decoding steps run (:meth:`VLM.set_decode`).
     """
     target = resolve_device(device)
     loaded = load_model(str(model), target, resolve_dtype(dtype, target))
     loaded.processor.image_access = ImageAccess(allow_remote=allow_remote_images)
-    return VLM(loaded.model, loaded.processor, name=str(model), engine=loaded.engine)
+    vlm = VLM(loaded.model, loaded.processor, name=str(model), engine=loaded.engine)
+    if image_cache_mb is not None or prefix_cache_mb is not None:
+        vlm.configure_caches(image_cache_mb=image_cache_mb, prefix_cache_mb=prefix_cache_mb)
+    if decode is not None:
+        vlm.set_decode(decode)
+    return vlm
 
 
 def _release_memory() -> None:

@@ -14,10 +14,24 @@ def add_model_args(parser: argparse.ArgumentParser, default: str = "default") ->
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
 
 
+def add_cache_args(parser: argparse.ArgumentParser) -> None:
+    """``--image-cache-mb`` and ``--prefix-cache-mb``: the engine's reuse caches (0: off)."""
+    parser.add_argument("--image-cache-mb", type=non_negative_float,
+                        help="image-feature cache size in MB (0: off; default 64)")  # fmt: skip
+    parser.add_argument("--prefix-cache-mb", type=non_negative_float,
+                        help="KV prefix cache size in MB (0: off; default 256)")  # fmt: skip
+    parser.add_argument("--decode", choices=["auto", "compiled", "eager"],
+                        help="decoding steps: compiled (static KV cache + torch.compile), eager, or auto (compiled "
+                             "on CUDA; the default)")  # fmt: skip
+
+
 def load_model(args: argparse.Namespace, **kwargs):
     """Load the model named by ``--model`` and tell the user once when it is a demo model."""
     from vlmkit.api import load
 
+    for name in ("image_cache_mb", "prefix_cache_mb", "decode"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
     vlm = load(args.model, device=args.device, dtype=args.dtype, **kwargs)
     if vlm.notice:
         print(f"note: {vlm.notice}", file=sys.stderr)
@@ -35,4 +49,11 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number ≥ 0, got {text}")
     return value

@@ -144,6 +144,20 @@ def _call(predictor: Predictor, batch: Sequence[EvalSample]) -> list[str]:
     return list(answers)
 
 
+def _image_key(sample: EvalSample) -> Any:
+    image = sample.image
+    return image if isinstance(image, str | bytes) or image is None else id(image)
+
+
+def by_image(samples: Sequence[EvalSample]) -> list[EvalSample]:
+    """``samples`` with the questions about one image together (images in order of first appearance, questions
+    in their order), so that the engine's caches reuse the image's features and prompt prefix."""
+    groups: dict[Any, list[EvalSample]] = {}
+    for sample in samples:
+        groups.setdefault(_image_key(sample), []).append(sample)
+    return [sample for group in groups.values() for sample in group]
+
+
 def run_samples(
     predictor: Predictor,
     task: Task,
@@ -158,7 +172,8 @@ def run_samples(
     """Predict every sample not yet in ``out_dir/predictions.jsonl`` and aggregate: the report's core fields.
 
     Each batch's rows (id, prompt, prediction, per-sample score) are appended and flushed before the next
-    batch starts, so an interrupted run resumes where it stopped.
+    batch starts, so an interrupted run resumes where it stopped. Questions about one image are predicted
+    together (:func:`by_image`); the report keeps the samples' order.
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
@@ -172,7 +187,7 @@ def run_samples(
     resumed = sum(1 for k in done if k in ids)
     if resumed:
         logger.info("resuming: %d of %d samples already predicted in %s", resumed, len(samples), out)
-    pending = [s for s in samples if s.id not in done]
+    pending = by_image([s for s in samples if s.id not in done])
     predictions = {k: str(v["prediction"]) for k, v in done.items()}
     start = time.perf_counter()
     writer = (out / PREDICTIONS_FILE).open("ab") if out is not None else None

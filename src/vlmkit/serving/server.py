@@ -34,6 +34,7 @@ from vlmkit.serving.completions import (
 )
 from vlmkit.serving.errors import APIError
 from vlmkit.serving.guard import RequestGuard
+from vlmkit.serving.metrics import CONTENT_TYPE, metrics_text
 from vlmkit.serving.page import add_chat_page
 from vlmkit.serving.scheduler import Scheduler
 from vlmkit.serving.schemas import ChatCompletionRequest, CompletionRequest, unsupported_fields
@@ -123,6 +124,7 @@ def create_app(vlm: VLM, settings: ServerSettings) -> FastAPI:
         yield
         log.info("draining in-flight requests")
         await run_in_threadpool(state["scheduler"].drain)
+        log.info("cache figures: %s", vlm.cache_stats())
 
     # with an API key, the schema pages would tell anyone what the server takes: they are off
     docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if settings.api_key else {}
@@ -157,6 +159,13 @@ def create_app(vlm: VLM, settings: ServerSettings) -> FastAPI:
     async def health() -> dict[str, Any]:
         active, waiting = state["scheduler"].load
         return {"status": "ok", "model": settings.model_name, "active": active, "waiting": waiting}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        """Prometheus text: requests running and waiting, the caches' lookups, hits and bytes."""
+        _authorise(request)
+        active, waiting = state["scheduler"].load
+        return Response(metrics_text(active, waiting, vlm.cache_stats()), media_type=CONTENT_TYPE)
 
     if settings.ui:
         add_chat_page(app, settings.model_name, vlm.notice, api_key_required=settings.api_key is not None)
