@@ -25,7 +25,7 @@ from vlmkit.data.formats.base import DecodeImages
 from vlmkit.data.formats.schemas import DEFAULT_CAPTION_PROMPT
 from vlmkit.errors import DataError, ProcessingError
 from vlmkit.processing.processor import IGNORE_INDEX, EncodedSample, VLMProcessor
-from vlmkit.training.config import DataSource, LossWeighting, StageConfig
+from vlmkit.training.config import DataSource, LossWeighting
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +161,6 @@ def encode_source(source: DataSource, processor: VLMProcessor, max_length: int |
         detail = f" (skipped: {dict(out.skipped)})" if out.skipped else ""
         raise DataError(f"{where}: no usable sample in {source.path}{detail}")
     return out
-
-
-def load_stage_data(stage: StageConfig, processor: VLMProcessor) -> list[SourceData]:
-    """Encode every source of a stage's mix."""
-    return [
-        encode_source(src, processor, stage.max_length, f"stage {stage.name!r} data[{j}] ({src.path})")
-        for j, src in enumerate(stage.data)
-    ]
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
