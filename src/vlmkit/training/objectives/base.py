@@ -39,7 +39,7 @@ class StageSetup:
     """What :meth:`Objective.start` gives the loop: what trains, how long, and what to report."""
 
     module: nn.Module
-    """Run forward by :meth:`Objective.loss` (wrapped in DDP under torchrun)."""
+    """Run forward by :meth:`Objective.loss` (wrapped by the stage's parallel strategy, DDP or FSDP, under torchrun)."""
     param_groups: list[dict[str, Any]]
     """AdamW parameter groups, each with a ``name`` (the step records' ``lrs`` keys)."""
     total: int
@@ -47,7 +47,7 @@ class StageSetup:
     global_batch: int
     """Samples per optimizer step, over all processes."""
     samples: int
-    """Usable samples in the stage's data."""
+    """Usable samples in the stage's data (a streaming stage: the records in its files, before any is read)."""
     summary: str = ""
     """Appended to the stage's start log line."""
     start_record: dict[str, Any] = field(default_factory=dict)
