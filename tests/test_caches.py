@@ -251,7 +251,7 @@ def test_cli_cache_flags_reach_the_engine(monkeypatch):
     monkeypatch.setattr("vlmkit.api.load", lambda model, **kw: seen.update(kw) or type("V", (), {"notice": None})())
     parser = argparse.ArgumentParser()
     common.add_model_args(parser)
-    common.add_cache_args(parser)
+    common.add_engine_args(parser)
     common.load_model(parser.parse_args(["--prefix-cache-mb", "0", "--image-cache-mb", "8"]))
     assert seen["prefix_cache_mb"] == 0 and seen["image_cache_mb"] == 8
     seen.clear()

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from vlmkit.commands.common import add_cache_args, add_model_args, load_model, positive_int
+from vlmkit.commands.common import add_engine_args, add_model_args, load_model, positive_int
 from vlmkit.errors import VlmkitError
 
 HELP = "commands: /image PATH (attach to the next message), /reset, /quit"
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="answer this once and exit; without it, start a session")
     add_model_args(parser)
-    add_cache_args(parser)
+    add_engine_args(parser)
     parser.add_argument("--image", action="append", default=[], metavar="PATH", help="attach an image (repeatable)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)

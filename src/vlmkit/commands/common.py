@@ -14,8 +14,13 @@ def add_model_args(parser: argparse.ArgumentParser, default: str = "default") ->
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
 
 
-def add_cache_args(parser: argparse.ArgumentParser) -> None:
-    """``--image-cache-mb`` and ``--prefix-cache-mb``: the engine's reuse caches (0: off)."""
+ENGINE_ARGS = ("image_cache_mb", "prefix_cache_mb", "decode")
+"""The engine options of :func:`add_engine_args`, passed on to :func:`vlmkit.load` when given."""
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """``--image-cache-mb`` and ``--prefix-cache-mb`` (the engine's reuse caches, 0: off) and ``--decode`` (how
+    decoding steps run): :data:`ENGINE_ARGS`."""
     parser.add_argument("--image-cache-mb", type=non_negative_float,
                         help="image-feature cache size in MB (0: off; default 64)")  # fmt: skip
     parser.add_argument("--prefix-cache-mb", type=non_negative_float,
@@ -29,7 +34,7 @@ def load_model(args: argparse.Namespace, **kwargs):
     """Load the model named by ``--model`` and tell the user once when it is a demo model."""
     from vlmkit.api import load
 
-    for name in ("image_cache_mb", "prefix_cache_mb", "decode"):
+    for name in ENGINE_ARGS:
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     vlm = load(args.model, device=args.device, dtype=args.dtype, **kwargs)

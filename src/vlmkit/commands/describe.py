@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlmkit.commands.common import add_cache_args, add_model_args, load_model, positive_int
+from vlmkit.commands.common import add_engine_args, add_model_args, load_model, positive_int
 from vlmkit.inference.describe import DEFAULT_PROMPT
 
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
     add_model_args(parser)
-    add_cache_args(parser)
+    add_engine_args(parser)
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument(
         "--out", default="descriptions.jsonl", help="JSONL output; rerunning resumes (default: %(default)s)"

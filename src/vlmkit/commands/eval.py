@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vlmkit.commands.common import add_cache_args, add_model_args, load_model, positive_int
+from vlmkit.commands.common import add_engine_args, add_model_args, load_model, positive_int
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +62,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     from vlmkit.evaluation.tasks import task_names
 
     add_model_args(parser)
-    add_cache_args(parser)
+    add_engine_args(parser)
     parser.add_argument("--task", choices=task_names())
     parser.add_argument("--data", help="evaluation data: a JSONL file, a parquet file or folder, or a datasets folder")
     parser.add_argument("--split", help="the split of a datasets DatasetDict folder or of a hub parquet folder")

@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 
-from vlmkit.commands.common import add_cache_args, add_model_args, load_model, positive_float, positive_int
+from vlmkit.commands.common import add_engine_args, add_model_args, load_model, positive_float, positive_int
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
-    add_cache_args(parser)
+    add_engine_args(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
