@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmkit.errors import ProcessingError
 from vlmkit.inference.caches import ByteLRU
 from vlmkit.processing.processor import EncodedSample
 
@@ -51,7 +52,7 @@ def image_runs(
     if not sample.image_token_counts:
         return []
     if sample.pixel_values is None:
-        raise ValueError("the prompt's images were not loaded (pixel_values is None)")
+        raise ProcessingError("the prompt's images were not loaded (pixel_values is None)")
     slots = [t for t, token in enumerate(sample.input_ids) if token == image_token_id]
     sizes: Sequence[tuple[int, int] | None] = sample.image_sizes or [None] * sample.num_images
     runs, view, slot = [], 0, 0
