@@ -6,7 +6,9 @@ of tokens (the model's stop tokens are disabled), with a ShapesWorld image as a 
 share one image and a system prompt (their questions vary); every request of the other half sends an image no
 other request sends. The highest level runs again with the engine's caches off (``caches_off``), and the
 caches' figures of the run are reported. ``--engine-alone`` first times the engine without the server (one
-``generate()`` batch at the lowest and the highest level): the ceiling the server's batching works under.
+``generate()`` batch at the lowest and the highest level): the ceiling the server's batching works under. The
+clients run in a process of their own, as a load generator on another machine would (``--clients-in-process``:
+in the server's process, sharing its interpreter).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import base64
 import io
 import itertools
 import json
+import multiprocessing
 import socket
 import statistics
 import threading
@@ -104,12 +107,26 @@ def body(url: str, question: str, system: str | None) -> dict:
             "stream_options": {"include_usage": True}, "messages": messages}  # fmt: skip
 
 
-def unique_images(base) -> Iterator[str]:
-    """Data URLs of ``base`` with one pixel changed each time: no two alike."""
-    for i in itertools.count():
+def unique_images(base, start: int = 0) -> Iterator[str]:
+    """Data URLs of ``base`` with its corner pixel set to a 24-bit count (from ``start`` on): no two alike."""
+    for i in itertools.count(start):
         image = base.copy()
-        image.putpixel((i % image.width, (i // image.width) % image.height), ((i * 37) % 256, (i * 91) % 256, i % 256))
+        image.putpixel((0, 0), (i & 255, (i >> 8) & 255, (i >> 16) & 255))
         yield image_url(image)
+
+
+def level_in_process(url: str, shared: dict, base, start: int, clients: int, seconds: float) -> dict:
+    """:func:`level` run in a process of its own (the load generator, apart from the server's interpreter)."""
+    return asyncio.run(level(url, shared, unique_images(base, start), clients, seconds))
+
+
+def run_level(url: str, shared: dict, base, start: int, clients: int, seconds: float, apart: bool) -> dict:
+    """One concurrency level; ``apart``: the clients run in a child process, so that they do not share the
+    server's interpreter (its GIL) as a real load does not."""
+    if not apart:
+        return level_in_process(url, shared, base, start, clients, seconds)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(level_in_process, (url, shared, base, start, clients, seconds))
 
 
 def engine_alone(vlm, pictures, levels: list[int]) -> dict:
@@ -139,6 +156,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--no-compare", action="store_true", help="skip the caches-off run of the highest level")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--clients-in-process", action="store_true",
+                        help="run the clients in the server's process (default: a process of their own)")  # fmt: skip
     parser.add_argument("--engine-alone", action="store_true",
                         help="also time the engine without the server at the lowest and highest level")  # fmt: skip
     args = parser.parse_args()
@@ -160,15 +179,17 @@ def main() -> None:
         time.sleep(0.05)
     pictures = shapes_images(2)
     shared = {"image": image_url(pictures[0])}
-    unique = unique_images(pictures[1])
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    results = [asyncio.run(level(url, shared, unique, n, args.seconds)) for n in levels]
-    report = {"model": vlm.name, "max_tokens": args.max_tokens, "threads": torch.get_num_threads(), "levels": results,
+    apart = not args.clients_in_process
+    # each level's unique images start where no earlier level's could reach (a million requests apart)
+    results = [run_level(url, shared, pictures[1], k << 20, n, args.seconds, apart) for k, n in enumerate(levels)]
+    report = {"model": vlm.name, "max_tokens": args.max_tokens, "threads": torch.get_num_threads(),
+              "clients_in_process": args.clients_in_process, "levels": results,
               "scaling": round(results[-1]["tokens_per_s"] / results[0]["tokens_per_s"], 2),
               "caches": vlm.cache_stats()}  # fmt: skip
     if not args.no_compare:
         vlm.configure_caches(image_cache_mb=0, prefix_cache_mb=0)  # between levels: nothing in flight
-        off = asyncio.run(level(url, shared, unique_images(pictures[1].transpose(0)), levels[-1], args.seconds))
+        off = run_level(url, shared, pictures[1].transpose(0), 0, levels[-1], args.seconds, apart)
         report["caches_off"] = {**off, "scaling": round(off["tokens_per_s"] / results[0]["tokens_per_s"], 2)}
         results = [*results, off]
     if alone is not None:

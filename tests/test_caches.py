@@ -12,7 +12,7 @@ from conftest import clip_config, compose_tiny, qwen2_config, siglip_config
 from vlmkit.config import ViewsConfig
 from vlmkit.errors import ConfigError
 from vlmkit.inference.caches import ByteLRU, CacheConfig
-from vlmkit.inference.engine import Engine
+from vlmkit.inference.engine import Engine, length_groups
 from vlmkit.inference.image_cache import ImageRun, pixel_digest
 from vlmkit.inference.options import GenerationOptions
 from vlmkit.inference.prefix_cache import block_hashes
@@ -117,6 +117,36 @@ def test_a_batch_mixing_hits_and_misses_gives_the_same_tokens(parts):
     assert tokens(cached, batch) == tokens(plain, batch)
     assert cached.cache_stats()["prefix"]["hits"] >= 2
     assert cached.cache_stats()["image"]["hits"] >= 1  # RED again, after the text block it shares with ``first``
+
+
+def test_length_groups_split_rows_that_compute_very_different_lengths():
+    assert length_groups([100, 10, 95, 12], min_saved=64) == [[0, 2], [3, 1]]
+    assert length_groups([100, 10], min_saved=91) == [[0, 1]]  # saves 90 padding tokens: not worth a pass
+    assert length_groups([100, 60, 51], min_saved=1) == [[0, 1, 2]]  # none at most half the longest
+    assert length_groups([80, 40, 20, 10], min_saved=1) == [[0], [1], [2], [3]]  # each half the one before
+    assert length_groups([80, 40, 20, 10]) == [[0], [1, 2, 3]]  # the second split would save 50 tokens of 64
+    assert length_groups([7]) == [[0]]
+
+
+def test_a_mostly_cached_row_is_prefilled_apart_from_uncached_ones_with_the_same_tokens(parts, monkeypatch):
+    plain, cached = engines(*parts, block_size=4)
+    long = [ask("Describe the image in detail: every shape, its colour, its size and where it is. " * 3, RED)]
+    tokens(cached, [long])  # now all but its last block is cached
+    batch = [
+        [ask("Describe the image in detail, every shape and every colour, twice over. " * 3, BLUE)],
+        long,
+        [ask("Describe every shape, its colour, its size and where it is, in the image. " * 3, GREEN)],
+    ]
+    passes = []
+    original = type(cached.new_batch())._forward_reusing
+
+    def counting(self, samples, may_split=True, may_group=True):
+        passes.append(len(samples))
+        return original(self, samples, may_split, may_group)
+
+    monkeypatch.setattr(type(cached.new_batch()), "_forward_reusing", counting)
+    assert tokens(cached, batch) == tokens(plain, batch)
+    assert passes == [3, 2, 1]  # the whole batch, then the two uncached rows, then the cached one alone
 
 
 def test_rows_of_one_batch_sharing_an_image_prefix_reuse_the_first_ones_blocks(parts):

@@ -141,3 +141,61 @@ def test_decode_option_through_the_api(parts):
     vlm.set_decode("eager")
     with pytest.raises(ConfigError, match="decode='compiled': the OtherEngine backend has no compiled decode step"):
         vlm.set_decode("compiled")
+
+
+def test_grouped_query_attention_of_one_token_matches_transformers_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vlmkit.inference.attention import decode_sdpa_attention
+
+    class Layer(torch.nn.Module):
+        num_key_value_groups = 3
+
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., :4] = False  # row 0 is left-padded
+    for query, step_mask in ((torch.randn(2, 6, 1, 8), mask), (torch.randn(2, 6, 10, 8), None)):
+        ours, _ = decode_sdpa_attention(Layer(), query, keys, values, step_mask, scaling=0.3)
+        theirs, _ = sdpa_attention_forward(Layer(), query, keys, values, step_mask, scaling=0.3)
+        assert ours.shape == theirs.shape == (2, query.shape[2], 6, 8)
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_compiled_grouped_query_steps_read_the_static_cache_without_expanding_it(monkeypatch):
+    from vlmkit.inference import attention
+
+    model, processor = compose_tiny(siglip_config(), qwen2_config())  # 4 query heads, 2 key/value heads
+    config = model.language_model.config
+    expanded = (config.num_attention_heads, compiled.MIN_COLUMNS)
+    expected = [r.token_ids for r in Engine(model, processor, decode="eager").generate(PROMPTS[:2], GREEDY3)]
+
+    def graph_shapes() -> list[tuple[int, ...]]:
+        shapes: list[tuple[int, ...]] = []
+
+        def recording(graph, example_inputs):  # the traced graph's tensors, run as traced
+            for node in graph.graph.nodes:
+                value = node.meta.get("example_value")
+                if isinstance(value, torch.Tensor):
+                    shapes.append(tuple(value.shape))
+            return graph.forward
+
+        monkeypatch.setattr(compiled, "BACKEND", recording)
+        torch._dynamo.reset()
+        engine = Engine(model, processor, decode="compiled")
+        assert [r.token_ids for r in engine.generate(PROMPTS[:2], GREEDY3)] == expected
+        return shapes
+
+    def cache_sized_per_query_head(shapes):
+        return [s for s in shapes if len(s) >= 4 and s[-2] == expanded[1] and s[1:-2] in ((4,), (2, 2))]
+
+    shapes = graph_shapes()
+    assert config._attn_implementation == attention.DECODE_ATTENTION
+    assert shapes and not cache_sized_per_query_head(shapes)
+    # the check sees the expansion when the step runs transformers' own sdpa attention
+    model.language_model.set_attn_implementation("sdpa")
+    monkeypatch.setattr(compiled, "use_decode_attention", lambda language_model: False)
+    assert cache_sized_per_query_head(graph_shapes())
+
+
+GREEDY3 = GenerationOptions(max_new_tokens=3)

@@ -17,6 +17,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
 from vlmkit.errors import ConfigError
+from vlmkit.inference.attention import use_decode_attention
 from vlmkit.inference.kv_cache import StaticKV
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class CompiledDecoder:
 
     def __init__(self, language_model: Any) -> None:
         self.language_model = language_model
+        use_decode_attention(language_model)  # grouped-query steps read the static cache without expanding it
         self.device = next(language_model.parameters()).device
         # inductor's config while compiling (given as torch.compile's options, freezing was not applied)
         self._options = dict(CUDA_OPTIONS if self.device.type == "cuda" else CPU_OPTIONS)

@@ -34,6 +34,25 @@ LOG_EVERY = 100
 """Prefills between two log lines of the caches' figures."""
 MIN_SHARED_TOKENS = 32
 """Tokens of not-yet-cached blocks rows of one batch must share for them to be prefilled in two passes."""
+MIN_SAVED_TOKENS = 64
+"""Padding tokens a split of a prefill into length groups must save (:func:`length_groups`)."""
+
+
+def length_groups(lengths: Sequence[int], min_saved: int = MIN_SAVED_TOKENS) -> list[list[int]]:
+    """Rows of a left-padded prefill grouped by the tokens each computes, longest first: a row starts a new
+    group when it is at most half as long as its group's longest and the rows from it on would save at least
+    ``min_saved`` padding tokens. (A row whose prompt is mostly in the prefix cache computes few tokens; batched
+    with uncached ones it would compute their length in padding.)"""
+    order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+    groups: list[list[int]] = [[]]
+    for position, r in enumerate(order):
+        group = groups[-1]
+        if group and 2 * lengths[r] <= lengths[group[0]]:
+            saved = sum(lengths[group[0]] - lengths[q] for q in order[position:])
+            if saved >= min_saved:
+                groups.append([])
+        groups[-1].append(r)
+    return groups
 
 
 def token_ids(value: Any) -> list[int]:
@@ -341,7 +360,7 @@ class DecodeBatch:
         return cache, mask, out.logits[:, -1]
 
     def _forward_reusing(
-        self, samples: list[EncodedSample], may_split: bool = True
+        self, samples: list[EncodedSample], may_split: bool = True, may_group: bool = True
     ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """:meth:`_forward` through the caches: each row starts from its longest cached prefix (whole blocks)
         and computes only the rest, with image features from the image cache; its new whole blocks are kept.
@@ -349,7 +368,9 @@ class DecodeBatch:
         Row ``r``'s columns: ``[padding, its cached prefix (p_r), padding, the rest (s_r)]``, the prefixes
         right-aligned at ``P = max p_r`` and the rests at the end; the rest's positions run on from ``p_r``.
         When rows would share at least :data:`MIN_SHARED_TOKENS` tokens of blocks that none has cached yet,
-        those that follow another are prefilled in a second pass that reuses what the first one kept."""
+        those that follow another are prefilled in a second pass that reuses what the first one kept. Rows that
+        compute very different numbers of tokens (one mostly cached, one not) are first split into
+        :func:`length_groups`, prefilled one group after the other."""
         engine, model = self.engine, self.engine.model
         device = model.device
         prefix, block = engine.prefix_cache, engine.cache_config.block_size
@@ -360,10 +381,15 @@ class DecodeBatch:
         ]
         usable = [(len(s.input_ids) - 1) // block for s in samples]
         reused = [prefix.lookup(h[:u]) if prefix is not None else [] for h, u in zip(hashes, usable, strict=True)]
+        if prefix is not None and may_group and len(samples) > 1:
+            groups = length_groups([len(s.input_ids) - len(b) * block for s, b in zip(samples, reused, strict=True)])
+            if len(groups) > 1:
+                return self._in_passes(samples, groups, may_split=may_split)
         if prefix is not None and may_split and len(samples) > 1:
             later = followers(hashes, [len(b) for b in reused], usable)
             if sum(later.values()) * block >= MIN_SHARED_TOKENS:
-                return self._in_two_passes(samples, sorted(later))
+                first = [i for i in range(len(samples)) if i not in later]
+                return self._in_passes(samples, [first, sorted(later)], may_split=False)
         for sample, blocks in zip(samples, reused, strict=True):
             if prefix is not None:
                 prefix.record(len(sample.input_ids), len(blocks) * block)
@@ -401,19 +427,25 @@ class DecodeBatch:
                 prefix.insert([key for _, key in new], blocks)
         return cache, mask, out.logits[:, -1]
 
-    def _in_two_passes(
-        self, samples: list[EncodedSample], later: list[int]
+    def _in_passes(
+        self, samples: list[EncodedSample], groups: list[list[int]], may_split: bool
     ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """Prefill the rows not in ``later`` first, then ``later`` (reusing the blocks the first pass kept); the
-        two batches merged, rows in the order of ``samples``."""
-        following = set(later)
-        first = [i for i in range(len(samples)) if i not in following]
-        cache, mask, logits = self._forward_reusing([samples[i] for i in first], may_split=False)
-        cache2, mask2, logits2 = self._forward_reusing([samples[i] for i in later], may_split=False)
-        cache, mask = kv_cache.merge(cache, mask, cache2, mask2)
-        inverse = torch.argsort(torch.tensor(first + later, device=mask.device))
+        """Prefill each group of rows in turn (a later group reuses the blocks an earlier one kept); the batches
+        merged, rows in the order of ``samples``."""
+        cache, mask, logits = None, None, []
+        for group in groups:
+            part, part_mask, part_logits = self._forward_reusing(
+                [samples[i] for i in group], may_split=may_split, may_group=False
+            )  # fmt: skip
+            if cache is None:
+                cache, mask = part, part_mask
+            else:
+                cache, mask = kv_cache.merge(cache, mask, part, part_mask)  # type: ignore[arg-type]
+            logits.append(part_logits)
+        assert cache is not None and mask is not None
+        inverse = torch.argsort(torch.tensor([i for group in groups for i in group], device=mask.device))
         kv_cache.select_rows(cache, inverse)
-        return cache, mask[inverse], torch.cat([logits, logits2])[inverse]
+        return cache, mask[inverse], torch.cat(logits)[inverse]
 
     def _join(
         self, cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor, next_pos: torch.Tensor,
