@@ -156,6 +156,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--no-compare", action="store_true", help="skip the caches-off run of the highest level")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--decode", choices=("auto", "compiled", "eager"), default="auto",
+                        help="the engine's decoding steps (as `vlmkit serve --decode`)")  # fmt: skip
+    parser.add_argument("--warmup-seconds", type=float, default=0.0,
+                        help="an untimed run of each level first (compiles the decode step's shapes)")  # fmt: skip
     parser.add_argument("--clients-in-process", action="store_true",
                         help="run the clients in the server's process (default: a process of their own)")  # fmt: skip
     parser.add_argument("--engine-alone", action="store_true",
@@ -166,6 +170,7 @@ def main() -> None:
     MAX_TOKENS = args.max_tokens
     vlm = bench_model(args.model)
     vlm.engine.stop_ids = set()
+    vlm.engine.set_decode(args.decode)
     levels = [int(n) for n in args.levels.split(",")]
     alone = engine_alone(vlm, shapes_images(levels[-1]), levels) if args.engine_alone else None
     with socket.socket() as s:
@@ -182,9 +187,14 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     apart = not args.clients_in_process
     # each level's unique images start where no earlier level's could reach (a million requests apart)
-    results = [run_level(url, shared, pictures[1], k << 20, n, args.seconds, apart) for k, n in enumerate(levels)]
+    results = []
+    for k, n in enumerate(levels):
+        if args.warmup_seconds:  # its own images (an odd offset), so the timed run does not hit them
+            run_level(url, shared, pictures[1], (k << 20) + (1 << 19), n, args.warmup_seconds, apart)
+        results.append(run_level(url, shared, pictures[1], k << 20, n, args.seconds, apart))
     report = {"model": vlm.name, "max_tokens": args.max_tokens, "threads": torch.get_num_threads(),
-              "clients_in_process": args.clients_in_process, "levels": results,
+              "clients_in_process": args.clients_in_process, "decode": args.decode,
+              "warmup_seconds": args.warmup_seconds, "levels": results,
               "scaling": round(results[-1]["tokens_per_s"] / results[0]["tokens_per_s"], 2),
               "caches": vlm.cache_stats()}  # fmt: skip
     if not args.no_compare:
