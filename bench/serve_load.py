@@ -115,8 +115,8 @@ def unique_images(base, start: int = 0) -> Iterator[str]:
         yield image_url(image)
 
 
-def level_in_process(url: str, shared: dict, base, start: int, clients: int, seconds: float) -> dict:
-    """:func:`level` run in a process of its own (the load generator, apart from the server's interpreter)."""
+def run_clients(url: str, shared: dict, base, start: int, clients: int, seconds: float) -> dict:
+    """:func:`level` with its own event loop and unique images from ``start`` (picklable: a child process runs it)."""
     return asyncio.run(level(url, shared, unique_images(base, start), clients, seconds))
 
 
@@ -124,9 +124,9 @@ def run_level(url: str, shared: dict, base, start: int, clients: int, seconds: f
     """One concurrency level; ``apart``: the clients run in a child process, so that they do not share the
     server's interpreter (its GIL) as a real load does not."""
     if not apart:
-        return level_in_process(url, shared, base, start, clients, seconds)
+        return run_clients(url, shared, base, start, clients, seconds)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(level_in_process, (url, shared, base, start, clients, seconds))
+        return pool.apply(run_clients, (url, shared, base, start, clients, seconds))
 
 
 def engine_alone(vlm, pictures, levels: list[int]) -> dict:

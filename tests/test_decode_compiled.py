@@ -167,7 +167,8 @@ def test_compiled_grouped_query_steps_read_the_static_cache_without_expanding_it
 
     model, processor = compose_tiny(siglip_config(), qwen2_config())  # 4 query heads, 2 key/value heads
     config = model.language_model.config
-    expanded = (config.num_attention_heads, compiled.MIN_COLUMNS)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    per_query_head = {(heads,), (kv_heads, heads // kv_heads)}  # repeat_kv's result and its 5-D expand
     expected = [r.token_ids for r in Engine(model, processor, decode="eager").generate(PROMPTS[:2], GREEDY3)]
 
     def graph_shapes() -> list[tuple[int, ...]]:
@@ -187,7 +188,7 @@ def test_compiled_grouped_query_steps_read_the_static_cache_without_expanding_it
         return shapes
 
     def cache_sized_per_query_head(shapes):
-        return [s for s in shapes if len(s) >= 4 and s[-2] == expanded[1] and s[1:-2] in ((4,), (2, 2))]
+        return [s for s in shapes if len(s) >= 4 and s[-2] == compiled.MIN_COLUMNS and s[1:-2] in per_query_head]
 
     shapes = graph_shapes()
     assert config._attn_implementation == attention.DECODE_ATTENTION
