@@ -1,14 +1,15 @@
 """Server load test: 1, 8, 32 and 64 concurrent streaming clients on loopback, each for a bounded time.
 
-Prints JSON: per concurrency level the errors (must be 0), p50/p99 time to first token and aggregate tokens/s,
-plus the ratio of aggregate tokens/s at the highest level to one client's. Every request asks for a fixed number
-of tokens (the model's stop tokens are disabled), with a ShapesWorld image as a data URL. Half the clients
-share one image and a system prompt (their questions vary); every request of the other half sends an image no
-other request sends. The highest level runs again with the engine's caches off (``caches_off``), and the
-caches' figures of the run are reported. ``--engine-alone`` first times the engine without the server (one
-``generate()`` batch at the lowest and the highest level): the ceiling the server's batching works under. The
-clients run in a process of their own, as a load generator on another machine would (``--clients-in-process``:
-in the server's process, sharing its interpreter).
+Prints JSON: per concurrency level the errors (must be 0), p50/p99 time to first token and aggregate tokens/s, plus
+the ratio of aggregate tokens/s at the highest level to one client's. Every request asks for a fixed number of
+tokens (the model's stop tokens are disabled), with a ShapesWorld image as a data URL. Half the clients share one
+image and a system prompt (their questions vary); every request of the other half sends an image no other request
+sends. The highest level runs again with the engine's caches off (``caches_off``), and the caches' figures of the
+run are reported. ``--rounds N`` runs the levels N times in turn (1, 8, 32, 64, 1, 8, ...) and reports each level's
+median, so that a drift in the machine's speed falls on every level alike. ``--engine-alone`` first times the engine
+without the server (one ``generate()`` batch at the lowest and the highest level): the ceiling the server's batching
+works under. The clients run in a process of their own, as a load generator on another machine would
+(``--clients-in-process``: in the server's process, sharing its interpreter).
 """
 
 from __future__ import annotations
@@ -108,11 +109,26 @@ def body(url: str, question: str, system: str | None) -> dict:
 
 
 def unique_images(base, start: int = 0) -> Iterator[str]:
-    """Data URLs of ``base`` with its corner pixel set to a 24-bit count (from ``start`` on): no two alike."""
+    """Data URLs of ``base`` with its two top-left pixels set to a 48-bit count (from ``start`` on): no two alike."""
     for i in itertools.count(start):
         image = base.copy()
-        image.putpixel((0, 0), (i & 255, (i >> 8) & 255, (i >> 16) & 255))
+        for x, value in enumerate((i & 0xFFFFFF, i >> 24)):
+            image.putpixel((x, 0), (value & 255, (value >> 8) & 255, (value >> 16) & 255))
         yield image_url(image)
+
+
+def combine(rounds: list[dict]) -> dict:
+    """One level's figures over its rounds: median tokens/s and p50 TTFT, the worst p99, requests and errors
+    summed, each round's tokens/s kept."""
+    return {
+        "clients": rounds[0]["clients"], "requests": sum(r["requests"] for r in rounds),
+        "errors": sum(r["errors"] for r in rounds),
+        "ttft_p50_s": statistics.median(r["ttft_p50_s"] for r in rounds),
+        "ttft_p99_s": max(r["ttft_p99_s"] for r in rounds),
+        "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rounds), 1),
+        "tokens_per_s_rounds": [r["tokens_per_s"] for r in rounds],
+        "seconds": round(sum(r["seconds"] for r in rounds), 1),
+    }  # fmt: skip
 
 
 def run_clients(url: str, shared: dict, base, start: int, clients: int, seconds: float) -> dict:
@@ -158,6 +174,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--decode", choices=("auto", "compiled", "eager"), default="auto",
                         help="the engine's decoding steps (as `vlmkit serve --decode`)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1, help="run all the levels this many times in turn")
     parser.add_argument("--warmup-seconds", type=float, default=0.0,
                         help="an untimed run of each level first (compiles the decode step's shapes)")  # fmt: skip
     parser.add_argument("--clients-in-process", action="store_true",
@@ -165,6 +182,8 @@ def main() -> None:
     parser.add_argument("--engine-alone", action="store_true",
                         help="also time the engine without the server at the lowest and highest level")  # fmt: skip
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     MAX_TOKENS = args.max_tokens
@@ -186,16 +205,21 @@ def main() -> None:
     shared = {"image": image_url(pictures[0])}
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     apart = not args.clients_in_process
-    # each level's unique images start where no earlier level's could reach (a million requests apart)
-    results = []
-    for k, n in enumerate(levels):
-        if args.warmup_seconds:  # its own images (an odd offset), so the timed run does not hit them
-            run_level(url, shared, pictures[1], (k << 20) + (1 << 19), n, args.warmup_seconds, apart)
-        results.append(run_level(url, shared, pictures[1], k << 20, n, args.seconds, apart))
+    # each run's unique images start where no other run's could reach (a million requests apart)
+    rounds: list[list[dict]] = [[] for _ in levels]
+    for r in range(args.rounds):
+        for k, n in enumerate(levels):
+            offset = (r * len(levels) + k) << 20
+            if args.warmup_seconds:  # its own images (half-way), so the timed run does not hit them
+                run_level(url, shared, pictures[1], offset + (1 << 19), n, args.warmup_seconds, apart)
+            rounds[k].append(run_level(url, shared, pictures[1], offset, n, args.seconds, apart))
+    results = [combine(level_rounds) for level_rounds in rounds]
     report = {"model": vlm.name, "max_tokens": args.max_tokens, "threads": torch.get_num_threads(),
               "clients_in_process": args.clients_in_process, "decode": args.decode,
-              "warmup_seconds": args.warmup_seconds, "levels": results,
+              "warmup_seconds": args.warmup_seconds, "rounds": args.rounds, "levels": results,
               "scaling": round(results[-1]["tokens_per_s"] / results[0]["tokens_per_s"], 2),
+              "scaling_rounds": [round(top["tokens_per_s"] / one["tokens_per_s"], 2)
+                                 for one, top in zip(rounds[0], rounds[-1], strict=True)],
               "caches": vlm.cache_stats()}  # fmt: skip
     if not args.no_compare:
         vlm.configure_caches(image_cache_mb=0, prefix_cache_mb=0)  # between levels: nothing in flight
