@@ -107,3 +107,20 @@ def run(monkeypatch, capsys):
         return code, out, err
 
     return _run
+
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench(request):
+    """The bench/ script the test module names in ``BENCH_MODULE``, imported as a module (bench/ on the path
+    while the module's tests run, as when the script runs)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        yield importlib.import_module(request.module.BENCH_MODULE)
+    finally:
+        sys.path.remove(str(BENCH_DIR))

@@ -3,25 +3,14 @@ counts, weight and KV bytes per decoding step, output comparison. No timings are
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("realistic")
-    finally:
-        sys.path.remove(str(BENCH))
+BENCH_MODULE = "realistic"
+"""The bench/ script the shared ``bench`` fixture imports."""
 
 
 @pytest.fixture(scope="module")

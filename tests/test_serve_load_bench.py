@@ -4,24 +4,12 @@ are asserted."""
 from __future__ import annotations
 
 import base64
-import importlib
 import io
-import sys
-from pathlib import Path
 
-import pytest
 from PIL import Image
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("serve_load")
-    finally:
-        sys.path.remove(str(BENCH))
+BENCH_MODULE = "serve_load"
+"""The bench/ script the shared ``bench`` fixture imports."""
 
 
 def decode(url: str) -> Image.Image:
