@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,14 +141,21 @@ class Submission:
     async def results(self, request: Request, poll_s: float = 0.25) -> dict[tuple[int, int], GenerationResult] | None:
         """Every answer's result by ``(prompt, choice)``; None as soon as the client has disconnected."""
         found: dict[tuple[int, int], GenerationResult] = {}
+        checked = time.monotonic()
         try:
             while len(found) < self.answers:
                 try:
-                    prompt, event = await asyncio.wait_for(self.queue.get(), poll_s)
+                    item = await asyncio.wait_for(self.queue.get(), poll_s)
                 except TimeoutError:
+                    item = None
+                # every poll_s, also while pieces keep arriving (they would never let the wait time out)
+                if time.monotonic() - checked >= poll_s:
                     if await request.is_disconnected():
                         return None
+                    checked = time.monotonic()
+                if item is None:
                     continue
+                prompt, event = item
                 if isinstance(event, BaseException):
                     raise event
                 if event.result is not None:
